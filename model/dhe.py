@@ -1,0 +1,96 @@
+"""The deep homography estimation (DHE) head and the correlation volume it reads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["HomographyRegression", "compute_similarity", "attention_heads"]
+
+PATCH_SIZE = 16
+
+
+def compute_similarity(features_a: Tensor, features_b: Tensor) -> Tensor:
+    """Correlation of query features A with candidate features B, as the original's `compute_similarity`.
+
+    Args:
+        features_a: query local features (B, C, h, w).
+        features_b: candidate local features (B, C, h, w).
+
+    Returns:
+        (B, h*w, h, w): channel k is A's position in column-major order (k = col * h + row), the spatial grid runs
+        over B's positions; ReLU, then L2-normalised over the channel axis.
+    """
+    if features_a.shape != features_b.shape or features_a.dim() != 4:
+        raise ValueError(
+            f"expected two (B, C, h, w) tensors of one shape, got {tuple(features_a.shape)} and "
+            f"{tuple(features_b.shape)}"
+        )
+    batch, channels, height, width = features_a.shape
+    a_column_major = features_a.transpose(2, 3).reshape(batch, channels, height * width)
+    correlation = torch.bmm(a_column_major.transpose(1, 2), features_b.reshape(batch, channels, height * width))
+    correlation = correlation.reshape(batch, height * width, height, width)
+    return F.normalize(F.relu(correlation), p=2, dim=1)
+
+
+def attention_heads(d_model: int, max_heads: int = 12) -> int:
+    """Heads of the DHE head's encoders: the largest divisor of `d_model` that is <= `max_heads`.
+
+    At the default 24 x 24 grid (d_model 576) this is the original's 12; a 10 x 10 grid (d_model 100) gets 10.
+    """
+    return max(n for n in range(1, max_heads + 1) if d_model % n == 0)
+
+
+class HomographyRegression(nn.Module):
+    """DHE head: correlation (B, h*w, h, w) -> 4 point correspondences (B, 8, 2), in pixels.
+
+    The sequence runs over the h*w spatial positions, the features over the h*w correlation channels (d_model = h*w),
+    plus a learnable positional embedding `pe` (1, h*w, h*w). Two stacked 3-layer post-norm transformer encoders
+    (`encoder`, `encoder2`; GELU, feed-forward 2048, no dropout); the output is encoder2(e) + e with e = encoder(x),
+    then a linear layer `linear` (h*w * h*w -> 16). Rows 0-3 are points in the query image, rows 4-7 their
+    correspondences in the candidate image.
+
+    Args:
+        resize: (H, W) of the images, each a multiple of 16.
+        num_layers: layers of each encoder.
+        dim_feedforward: hidden size of the encoders' MLPs.
+    """
+
+    def __init__(self, resize: tuple[int, int] = (384, 384), num_layers: int = 3, dim_feedforward: int = 2048) -> None:
+        super().__init__()
+        height, width = resize
+        if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
+            raise ValueError(
+                f"HomographyRegression resize {tuple(resize)}: each side must be a positive multiple of {PATCH_SIZE}"
+            )
+        self.grid_size = (height // PATCH_SIZE, width // PATCH_SIZE)
+        d_model = self.grid_size[0] * self.grid_size[1]
+        self.d_model = d_model
+        layer = nn.TransformerEncoderLayer(
+            d_model=d_model,
+            nhead=attention_heads(d_model),
+            dim_feedforward=dim_feedforward,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+        )
+        # As in the original, both encoders start from copies of one layer.
+        self.encoder = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.encoder2 = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.pe = nn.Parameter(torch.zeros(1, d_model, d_model))
+        self.linear = nn.Linear(d_model * d_model, 16)
+
+    def forward(self, correlation: Tensor) -> Tensor:
+        """(B, h*w, h, w) -> points (B, 8, 2)."""
+        batch = correlation.shape[0]
+        if tuple(correlation.shape[1:]) != (self.d_model, *self.grid_size):
+            raise ValueError(
+                f"HomographyRegression expects (B, {self.d_model}, {self.grid_size[0]}, "
+                f"{self.grid_size[1]}), got {tuple(correlation.shape)}"
+            )
+        x = correlation.reshape(batch, self.d_model, self.d_model) + self.pe
+        sequence = x.transpose(1, 2)  # (B, positions, channels)
+        encoded = self.encoder(sequence)
+        encoded = self.encoder2(encoded) + encoded
+        return self.linear(encoded.transpose(1, 2).reshape(batch, -1)).reshape(batch, 8, 2)

@@ -1,0 +1,320 @@
+"""Command-line flags of `eval.py`, `finetune.py` and `train_dhe.py`.
+
+The flags and their defaults are those of the original DHE-VPR scripts; `--device`, `--amp`, `--pretrained_cct`,
+`--qp_mode` and `--save_predictions` are new. Every value is checked after parsing, and a bad one stops the script
+with a message that names the flag and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
+MINING_METHODS = ("partial", "full", "random", "msls_weighted")
+PATCH_SIZE = 16  # the CCT tokenizer's two stride-2 convolutions and two stride-2 poolings
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--resize",
+        type=int,
+        default=[384, 384],
+        nargs=2,
+        metavar=("H", "W"),
+        help="Images are resized to H x W; each side must be a multiple of 16. The local feature grid is "
+        "(H/16) x (W/16) and the DHE head is sized for it.",
+    )
+    group.add_argument(
+        "--trunc_te",
+        type=int,
+        default=8,
+        choices=range(0, 14),
+        metavar="{0..13}",
+        help="Number of CCT transformer blocks kept.",
+    )
+    group.add_argument(
+        "--freeze_te",
+        type=int,
+        default=5,
+        choices=range(-1, 14),
+        metavar="{-1..13}",
+        help="CCT blocks with index <= this stay frozen (-1: train every block).",
+    )
+    group.add_argument(
+        "--pretrained_cct",
+        type=str,
+        default=None,
+        help="Optional local file with ImageNet CCT-14/7x2 weights, used when no --resume_fe is given. Nothing is "
+        "ever downloaded.",
+    )
+    group.add_argument("--resume_fe", type=str, default=None, help="Checkpoint of the features extractor to load.")
+    group.add_argument("--resume_hr", type=str, default=None, help="Checkpoint of the DHE (homography) head to load.")
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=0, help="Seed of every random generator.")
+    group.add_argument(
+        "--exp_name",
+        type=str,
+        default="default",
+        help="Run folder name: outputs go to logs/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/.",
+    )
+    group.add_argument(
+        "--device",
+        type=str,
+        default="auto",
+        choices=["auto", "cuda", "cpu"],
+        help="Where to run; auto means cuda when available, else cpu.",
+    )
+    group.add_argument(
+        "--amp",
+        action="store_true",
+        help="Mixed precision for the DHE head and backbone: bf16 on CPU, fp16 (bf16 if supported) on CUDA.",
+    )
+    group.add_argument("--num_workers", type=int, default=8, help="Worker processes of every data loader.")
+    group.add_argument(
+        "--datasets_folder",
+        type=str,
+        default=None,
+        help="Folder that holds the datasets (default: $DATASETS_FOLDER).",
+    )
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default="pitts30k",
+        help="Dataset folder inside --datasets_folder, laid out as <name>/images/<split>/{database,queries}.",
+    )
+    group.add_argument(
+        "--num_reranked_preds",
+        type=int,
+        default=32,
+        help="How many of the top global-descriptor predictions the DHE head re-ranks.",
+    )
+    group.add_argument(
+        "--infer_batch_size",
+        type=int,
+        default=32,
+        help="Batch size for descriptor extraction, and query-candidate pairs per DHE batch.",
+    )
+
+
+def _add_test_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("test")
+    group.add_argument(
+        "--recall_values",
+        type=int,
+        default=[1, 5, 10, 20],
+        nargs="+",
+        help="Recall@N values to report.",
+    )
+    group.add_argument(
+        "--val_positive_dist_threshold",
+        type=int,
+        default=25,
+        help="A database image within this many metres of a query is a positive for evaluation.",
+    )
+    group.add_argument(
+        "--test_method",
+        type=str,
+        default="hard_resize",
+        choices=TEST_METHODS,
+        help="How queries are processed for the global retrieval stage (re-ranking always uses the "
+        "hard-resized query).",
+    )
+    group.add_argument(
+        "--majority_weight",
+        type=float,
+        default=0.01,
+        help="Only for --test_method maj_voting: the higher, the more the agreement of crops counts.",
+    )
+    group.add_argument(
+        "--efficient_ram_testing",
+        action="store_true",
+        help="Kept for compatibility with the original; memory is always bounded here, so it changes nothing.",
+    )
+    group.add_argument(
+        "--save_predictions",
+        action="store_true",
+        help="Write every query's top predictions before and after re-ranking, with scores, to the run folder.",
+    )
+
+
+def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training-query augmentation")
+    group.add_argument("--brightness", type=float, default=None, help="ColorJitter brightness for training queries.")
+    group.add_argument("--contrast", type=float, default=None, help="ColorJitter contrast for training queries.")
+    group.add_argument("--saturation", type=float, default=None, help="ColorJitter saturation for training queries.")
+    group.add_argument("--hue", type=float, default=None, help="ColorJitter hue for training queries.")
+    group.add_argument(
+        "--rand_perspective", type=float, default=None, help="RandomPerspective distortion scale for training queries."
+    )
+    group.add_argument("--horizontal_flip", action="store_true", help="Random horizontal flip of training queries.")
+    group.add_argument(
+        "--random_resized_crop",
+        type=float,
+        default=None,
+        help="RandomResizedCrop of training queries with scale (this value, 1).",
+    )
+    group.add_argument(
+        "--random_rotation", type=float, default=None, help="RandomRotation of training queries, in degrees."
+    )
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=4,
+        help="Triplets (query, positive, negatives) per batch; each has 2 + negs_num_per_query images.",
+    )
+    group.add_argument(
+        "--criterion", type=str, default="triplet", choices=["triplet", "sare_ind", "sare_joint"], help="Metric loss."
+    )
+    group.add_argument("--margin", type=float, default=0.1, help="Margin of the triplet loss.")
+    group.add_argument("--epochs_num", type=int, default=1000, help="Maximum number of epochs.")
+    group.add_argument("--patience", type=int, default=3, help="Epochs without improvement before stopping.")
+    group.add_argument("--lr", type=float, default=0.00001, help="Learning rate.")
+    group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    group.add_argument(
+        "--cache_refresh_rate",
+        type=int,
+        default=1000,
+        help="How often (in queries) the mining cache is recomputed.",
+    )
+    group.add_argument(
+        "--queries_per_epoch",
+        type=int,
+        default=5000,
+        help="Queries in one epoch; must be a multiple of --cache_refresh_rate.",
+    )
+    group.add_argument("--negs_num_per_query", type=int, default=2, help="Negatives per query in the loss.")
+    group.add_argument(
+        "--neg_samples_num", type=int, default=1000, help="Negatives sampled to choose the hardest ones from."
+    )
+    group.add_argument("--mining", type=str, default="partial", choices=MINING_METHODS, help="Negative mining.")
+    group.add_argument(
+        "--l2",
+        type=str,
+        default="before_pool",
+        choices=["before_pool", "after_pool", "none"],
+        help="Kept from the original's parser; the features extractor always L2-normalises before GeM.",
+    )
+    group.add_argument(
+        "--train_positives_dist_threshold",
+        type=int,
+        default=10,
+        help="Training positives are within this many metres of the query.",
+    )
+    group.add_argument("--save_dir", type=str, default="default", help="Kept from the original; see --exp_name.")
+
+
+def _add_train_dhe_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DHE initialisation")
+    group.add_argument("--lr", type=float, default=0.0001, help="Learning rate of the DHE head.")
+    group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    group.add_argument("--n_epochs", type=int, default=100, help="Epochs.")
+    group.add_argument("--iterations_per_epoch", type=int, default=2000, help="Iterations in one epoch.")
+    group.add_argument(
+        "--qp_threshold",
+        type=float,
+        default=0.14,
+        help="With --qp_mode predicted: max descriptor distance of a query-positive pair.",
+    )
+    group.add_argument(
+        "--qp_mode",
+        type=str,
+        default=None,
+        choices=["gt", "predicted"],
+        help="Query-positive pairs: every ground-truth pair (gt), or predicted positives closer than --qp_threshold "
+        "(predicted). Default: gt for datasets named msls*, predicted otherwise, as the original.",
+    )
+    group.add_argument("--batch_size", type=int, default=16, help="Query-positive pairs per iteration.")
+    group.add_argument(
+        "--train_positives_dist_threshold",
+        type=int,
+        default=10,
+        help="Ground-truth training positives are within this many metres of the query.",
+    )
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The parser of one script: "eval", "finetune" or "train_dhe"."""
+    if script not in ("eval", "finetune", "train_dhe"):
+        raise ValueError(f"unknown script {script!r}; expected 'eval', 'finetune' or 'train_dhe'")
+    parser = argparse.ArgumentParser(
+        prog=f"{script}.py",
+        description="DHE-VPR: deep homography estimation for visual place recognition.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_flags(parser)
+    _add_common_flags(parser)
+    _add_test_flags(parser)
+    if script in ("finetune", "eval"):
+        _add_augmentation_flags(parser)
+    if script == "finetune":
+        _add_finetune_flags(parser)
+    if script == "train_dhe":
+        _add_train_dhe_flags(parser)
+    return parser
+
+
+def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Validate parsed values; `parser.error` (exit 2) names the flag and what was expected."""
+    height, width = args.resize
+    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
+        parser.error(f"--resize {height} {width}: each side must be a positive multiple of {PATCH_SIZE}")
+    positive_ints = ["num_reranked_preds", "infer_batch_size", "val_positive_dist_threshold"]
+    positive_ints += [
+        name
+        for name in (
+            "train_batch_size",
+            "epochs_num",
+            "cache_refresh_rate",
+            "queries_per_epoch",
+            "negs_num_per_query",
+            "neg_samples_num",
+            "n_epochs",
+            "iterations_per_epoch",
+            "batch_size",
+            "train_positives_dist_threshold",
+        )
+        if hasattr(args, name)
+    ]
+    for name in positive_ints:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers {args.num_workers}: must be >= 0")
+    if any(n <= 0 for n in args.recall_values):
+        parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
+    if getattr(args, "lr", 1.0) <= 0:
+        parser.error(f"--lr {args.lr}: must be positive")
+    if hasattr(args, "queries_per_epoch") and args.queries_per_epoch % args.cache_refresh_rate != 0:
+        parser.error(
+            f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "
+            f"--cache_refresh_rate {args.cache_refresh_rate}"
+        )
+    if hasattr(args, "qp_threshold") and args.qp_threshold <= 0:
+        parser.error(f"--qp_threshold {args.qp_threshold}: must be positive")
+    if args.datasets_folder is None:
+        args.datasets_folder = os.environ.get("DATASETS_FOLDER")
+        if args.datasets_folder is None:
+            parser.error(
+                "no datasets folder: pass --datasets_folder or export DATASETS_FOLDER "
+                "(e.g. export DATASETS_FOLDER=datasets_vg/datasets)"
+            )
+    if hasattr(args, "qp_mode") and args.qp_mode is None:
+        args.qp_mode = "gt" if args.dataset_name.lower().startswith("msls") else "predicted"
+    args.resize = (height, width)
+    return args
+
+
+def parse_arguments(script: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags of `script` ("eval", "finetune" or "train_dhe")."""
+    parser = build_parser(script)
+    return check_arguments(parser.parse_args(argv), parser)

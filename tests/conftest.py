@@ -1,0 +1,56 @@
+"""Shared fixtures: the original's reference outputs and deterministic weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(DATA))
+
+from fill_weights import fill_  # noqa: E402
+
+# The head's linear bias and weight scale used for parity_reference.pt (see tests/data/README.md).
+REFERENCE_LINEAR_BIAS = [8, 8, 376, 8, 8, 376, 376, 376, 20, 4, 370, 15, 2, 380, 366, 372]
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    return torch.load(DATA / "parity_reference.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_keys() -> dict:
+    return json.loads((DATA / "checkpoint_keys.json").read_text())
+
+
+def reference_features_extractor():
+    """The default FeaturesExtractor with the reference's deterministic weights, in eval mode."""
+    from model import FeaturesExtractor
+
+    model = FeaturesExtractor().eval()
+    model.load_state_dict(fill_(model.state_dict()))
+    return model
+
+
+def reference_homography_regression():
+    """The default HomographyRegression with the reference's deterministic weights, in eval mode."""
+    from model import HomographyRegression
+
+    model = HomographyRegression().eval()
+    state_dict = fill_(model.state_dict())
+    state_dict["linear.bias"] = torch.tensor(REFERENCE_LINEAR_BIAS, dtype=torch.float32)
+    state_dict["linear.weight"] = state_dict["linear.weight"] * 0.1
+    model.load_state_dict(state_dict)
+    return model
+
+
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> ImageNet-normalised float (B, 3, H, W)."""
+    return (images.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
