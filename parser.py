@@ -157,7 +157,7 @@ def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
         "--random_resized_crop",
         type=float,
         default=None,
-        help="RandomResizedCrop of training queries with scale (this value, 1).",
+        help="RandomResizedCrop of training queries with scale (1 - this value, 1), as the original.",
     )
     group.add_argument(
         "--random_rotation", type=float, default=None, help="RandomRotation of training queries, in degrees."

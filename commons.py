@@ -1,0 +1,146 @@
+"""What every script shares: seeding, the device, the run folder and its logs, the model built from flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "make_deterministic",
+    "resolve_device",
+    "make_run_folder",
+    "setup_logging",
+    "log_run_header",
+    "library_versions",
+    "autocast",
+    "build_models",
+]
+
+
+def make_deterministic(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA), and ask cuDNN for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for code that still draws from it
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device` to a torch.device: "auto" is cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"--device {name!r}: expected auto, cuda or cpu")
+    return torch.device(name)
+
+
+def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
+    """Create and return `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/` (a new folder: an existing one is an error)."""
+    folder = Path(root) / exp_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def setup_logging(output_folder: str | Path, console: str = "info") -> None:
+    """Log to `info.log` (INFO and above) and `debug.log` (everything) in `output_folder`, and to stderr.
+
+    Replaces the handlers of the root logger, so calling it twice in one process (tests) does not duplicate lines.
+    """
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s   %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG)
+    for filename, level in (("info.log", logging.INFO), ("debug.log", logging.DEBUG)):
+        handler = logging.FileHandler(output_folder / filename)
+        handler.setLevel(level)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    console_handler = logging.StreamHandler(sys.stderr)
+    console_handler.setLevel(getattr(logging, console.upper()))
+    console_handler.setFormatter(formatter)
+    root.addHandler(console_handler)
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries whose numerics matter."""
+    import faiss
+    import kornia
+    import sklearn
+    import timm
+    import torchvision
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "kornia": kornia.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def log_run_header(args: argparse.Namespace, output_folder: Path) -> None:
+    """The first lines of every log: command, arguments, library versions, output folder."""
+    logging.info("python " + " ".join(sys.argv))
+    logging.info(f"Arguments: {args}")
+    logging.info("Versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+    logging.info(f"The outputs are being saved in {output_folder}")
+    logging.debug(f"Process id {os.getpid()}, {torch.get_num_threads()} torch threads")
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """Mixed precision for `--amp`: bf16 on CPU; on CUDA bf16 where supported, else fp16."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The features extractor and DHE head from `--resize --trunc_te --freeze_te --pretrained_cct --resume_*`.
+
+    A missing `--resume_fe` / `--resume_hr` gets the original's warning: that part is randomly initialised.
+    """
+    from model import FeaturesExtractor, HomographyRegression
+    from model.checkpoints import load_features_extractor, load_homography_regression
+
+    features_extractor = FeaturesExtractor(
+        resize=args.resize, trunc_te=args.trunc_te, freeze_te=args.freeze_te, pretrained_cct=args.pretrained_cct
+    )
+    if args.resume_fe is not None:
+        load_features_extractor(features_extractor, args.resume_fe)
+        logging.info(f"Loaded the features extractor from {args.resume_fe}")
+    elif args.pretrained_cct is None:
+        logging.warning(
+            "WARNING: --resume_fe is not set, meaning that the features extractor is not initialised (random weights)!"
+        )
+    homography_regression = HomographyRegression(resize=args.resize)
+    if args.resume_hr is not None:
+        load_homography_regression(homography_regression, args.resume_hr)
+        logging.info(f"Loaded the DHE head from {args.resume_hr}")
+    else:
+        logging.warning(
+            "WARNING: --resume_hr is not set, meaning that the DHE head is not initialised (random weights)!"
+        )
+    return features_extractor.to(device), homography_regression.to(device)

@@ -1,0 +1,594 @@
+"""Datasets in the VG layout: evaluation, triplet mining for fine-tuning, and query-positive pairs for the DHE head.
+
+Every dataset lives at::
+
+    <datasets_folder>/<dataset_name>/images/<split>/database/**/*.jpg   ("gallery" is accepted instead of "database")
+    <datasets_folder>/<dataset_name>/images/<split>/queries/**/*.jpg    (.jpg, .jpeg and .png, in any sub-folder)
+
+and each file is named ``@utm_east@utm_north@utm_zone@zone_letter@lat@lon@pano_id@tile@heading@pitch@roll@height
+@timestamp@note@.jpg``, of which only the first two fields are required.
+
+Global indexes follow the benchmark: database images are ``0 .. database_num - 1`` and query ``q`` is
+``database_num + q`` in ``images_paths``. Images are ImageNet-normalised float tensors (3, H, W) where
+(H, W) = ``args.resize``.
+
+Random choices of the mining (which queries, which database samples) come from a ``numpy.random.Generator`` seeded
+with ``args.seed``; image augmentations draw from torch's global generator, which ``torch.manual_seed`` (and, per
+worker, the DataLoader) seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from commons import resolve_device
+from util import extract_features
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NAME_PATTERN = (
+    "@utm_east@utm_north@utm_zone@zone_letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg"
+)
+NOTE_FIELD = 14  # 1-based position of the note among the @-separated fields
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The original searched each training query's top 100 predictions for predicted query-positive pairs.
+QP_NUM_PREDICTIONS = 100
+QP_CROP_SCALE = (0.7, 1.0)
+
+EXPECTED_LAYOUT = (
+    "expected layout:\n"
+    "  <datasets_folder>/<dataset_name>/images/<split>/database/**/*.jpg  (or gallery/ instead of database/)\n"
+    "  <datasets_folder>/<dataset_name>/images/<split>/queries/**/*.jpg\n"
+    f"with files named {NAME_PATTERN} (only utm_east and utm_north are required)"
+)
+
+_normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------------------------------------- names
+def _name_fields(path: str) -> list[str]:
+    """The @-separated fields of the file name (not of the folders above it); field 0 is what precedes the first @."""
+    return os.path.basename(path).split("@")
+
+
+def parse_utm(path: str) -> tuple[float, float]:
+    """(utm_east, utm_north) in metres, read from the file name of `path`.
+
+    Raises ValueError naming the file and the expected pattern when the name does not start with
+    ``@<east>@<north>@`` with two finite numbers.
+    """
+    fields = _name_fields(path)
+    try:
+        if len(fields) < 4 or fields[0] != "":
+            raise ValueError("too few @-separated fields")
+        east, north = float(fields[1]), float(fields[2])
+        if not (math.isfinite(east) and math.isfinite(north)):
+            raise ValueError("coordinates are not finite")
+    except ValueError as error:
+        raise ValueError(
+            f"cannot read UTM coordinates from the file name of {path} ({error}); expected a name like {NAME_PATTERN}"
+        ) from None
+    return east, north
+
+
+def parse_note(path: str) -> str:
+    """The note (14th @-field) of the file name of `path`, e.g. ``night_sideways_tokyo`` on MSLS.
+
+    Raises ValueError when the name has fewer than 14 fields.
+    """
+    fields = _name_fields(path)
+    if len(fields) < NOTE_FIELD + 2:  # leading "" and trailing extension around the fields
+        raise ValueError(
+            f"the file name of {path} has no note field (the {NOTE_FIELD}th @-separated field); "
+            f"expected a name like {NAME_PATTERN}"
+        )
+    return fields[NOTE_FIELD]
+
+
+# ------------------------------------------------------------------------------------------------------------ images
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB.
+
+    16-bit greyscale (modes I;16* and I, which is read as 16-bit) is scaled by 255/65535 rather than clipped;
+    palette images with transparency go through RGBA; the alpha channel is dropped.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        eight_bit = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit, mode="L").convert("RGB")
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # going through RGBA keeps PIL from warning about the transparency
+    return image.convert("RGB")
+
+
+def open_rgb_image(path: str) -> Image.Image:
+    """Read the image at `path` as 8-bit RGB; an unreadable or corrupt file raises OSError naming `path`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise OSError(f"cannot read image {path}: {error}. Check that it is a valid JPEG/PNG file.") from error
+
+
+def _normalized_tensor(image: Image.Image, resize: Sequence[int] | int | None = None) -> Tensor:
+    """(3, H, W) ImageNet-normalised tensor; `resize` as in `TF.resize` (a (H, W) pair, or the shorter side)."""
+    tensor = TF.to_tensor(image)
+    if resize is not None:
+        size = [resize] if isinstance(resize, int) else list(resize)
+        tensor = TF.resize(tensor, size, antialias=True)
+    return _normalize(tensor)
+
+
+def query_test_transform(image: Image.Image, test_method: str, resize: tuple[int, int]) -> Tensor:
+    """A query prepared for global retrieval as the benchmark did, for each `test_method`.
+
+    Returns (3, H, W) for hard_resize and central_crop (the largest central crop of ratio H:W, resized);
+    (3, s, s * w / h) for single_query (shorter side resized to s = min(resize), ratio kept);
+    (5, 3, s, s) for five_crops, nearest_crop and maj_voting (five square crops of the image whose shorter side
+    was resized to s).
+    """
+    height, width = resize
+    shorter_side = min(resize)
+    if test_method == "hard_resize":
+        return _normalized_tensor(image, resize)
+    if test_method == "single_query":
+        return _normalized_tensor(image, shorter_side)
+    if test_method == "central_crop":
+        scale = max(height / image.height, width / image.width)
+        scaled_size = (max(height, round(image.height * scale)), max(width, round(image.width * scale)))
+        return TF.center_crop(_normalized_tensor(image, scaled_size), [height, width])
+    if test_method in ("five_crops", "nearest_crop", "maj_voting"):
+        tensor = _normalized_tensor(image, shorter_side)
+        return torch.stack(TF.five_crop(tensor, [shorter_side, shorter_side]))
+    raise ValueError(f"unknown test_method {test_method!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------- folders
+def _list_images(folder: str) -> list[str]:
+    """Every .jpg/.jpeg/.png under `folder` (recursive, symlinks followed), sorted."""
+    paths = []
+    for root, _, files in os.walk(folder, followlinks=True):
+        paths += [os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise FileNotFoundError(f"no .jpg/.jpeg/.png images found in {folder}; {EXPECTED_LAYOUT}")
+    return sorted(paths)
+
+
+def _split_folder(datasets_folder: str, dataset_name: str, split: str) -> str:
+    dataset_folder = os.path.join(datasets_folder, dataset_name)
+    if not os.path.isdir(dataset_folder):
+        raise FileNotFoundError(
+            f"dataset folder {dataset_folder} does not exist: check --datasets_folder and --dataset_name; "
+            f"{EXPECTED_LAYOUT}"
+        )
+    split_folder = os.path.join(dataset_folder, "images", split)
+    if not os.path.isdir(split_folder):
+        images_folder = os.path.join(dataset_folder, "images")
+        found = sorted(os.listdir(images_folder)) if os.path.isdir(images_folder) else []
+        raise FileNotFoundError(
+            f"split folder {split_folder} does not exist (splits found: {found or 'none'}); {EXPECTED_LAYOUT}"
+        )
+    return split_folder
+
+
+def _database_folder(split_folder: str) -> str:
+    database_folder = os.path.join(split_folder, "database")
+    gallery_folder = os.path.join(split_folder, "gallery")
+    has_database, has_gallery = os.path.isdir(database_folder), os.path.isdir(gallery_folder)
+    if has_database and has_gallery:
+        raise ValueError(
+            f"{split_folder} holds both database/ and gallery/, which are two names for the same thing: keep one"
+        )
+    if not (has_database or has_gallery):
+        raise FileNotFoundError(f"database folder {database_folder} (or gallery/) does not exist; {EXPECTED_LAYOUT}")
+    return database_folder if has_database else gallery_folder
+
+
+def _global_descriptors(args: argparse.Namespace, model: nn.Module, images: Dataset) -> np.ndarray:
+    """Global descriptors (N, D) of `images` with `model` on `args.device`, batched by `args.infer_batch_size`."""
+    device = resolve_device(args.device)
+    return extract_features(model, images, device, args.infer_batch_size, args.num_workers, desc="mining cache")
+
+
+def _squared_distances(query_descriptor: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
+    """Squared L2 distances (N,) from one descriptor (D,) to descriptors (N, D)."""
+    return ((descriptors - query_descriptor[None]) ** 2).sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+class BaseDataset(Dataset):
+    """Database and query images of one split, for evaluation and for computing descriptors.
+
+    `dataset[i]` is (image, i): database images (i < database_num) are always resized to `args.resize`; queries are
+    prepared according to `self.test_method` (see `query_test_transform`), which starts as `args.test_method` (or
+    "hard_resize") and may be changed. The re-ranking stage needs hard-resized images whatever the test method:
+    `hard_resized(i)` gives one, `hard_resized_images(indexes)` a Dataset of them for a DataLoader.
+
+    Attributes: database_paths, queries_paths, images_paths (database then queries), database_num, queries_num,
+    database_utms (database_num, 2), queries_utms (queries_num, 2), soft_positives_per_query (for each query the
+    database indexes within `args.val_positive_dist_threshold` metres, nearest first).
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        datasets_folder: str = "datasets",
+        dataset_name: str = "pitts30k",
+        split: str = "train",
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.dataset_name = dataset_name
+        self.split = split
+        self.resize = tuple(args.resize)
+        self.test_method = getattr(args, "test_method", "hard_resize")
+        self.dataset_folder = _split_folder(datasets_folder, dataset_name, split)
+        queries_folder = os.path.join(self.dataset_folder, "queries")
+        database_folder = _database_folder(self.dataset_folder)
+        if not os.path.isdir(queries_folder):
+            raise FileNotFoundError(f"queries folder {queries_folder} does not exist; {EXPECTED_LAYOUT}")
+
+        self.database_paths = _list_images(database_folder)
+        self.queries_paths = _list_images(queries_folder)
+        self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
+        self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
+        self.images_paths = self.database_paths + self.queries_paths
+        self.database_num = len(self.database_paths)
+        self.queries_num = len(self.queries_paths)
+        self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+
+    def positives_within(self, radius: float) -> list[np.ndarray]:
+        """For each query, the int64 database indexes within `radius` metres (inclusive), nearest first."""
+        # kd_tree measures exact distances; brute force on UTM-sized numbers loses precision to cancellation
+        knn = NearestNeighbors(algorithm="kd_tree").fit(self.database_utms)
+        distances, indexes = knn.radius_neighbors(self.queries_utms, radius=radius, return_distance=True)
+        # lexsort: by distance, then by index, so that ties come out the same on every run
+        return [i[np.lexsort((i, d))].astype(np.int64) for d, i in zip(distances, indexes)]
+
+    def get_positives(self) -> list[np.ndarray]:
+        """`soft_positives_per_query`: for each query the database indexes within the evaluation threshold."""
+        return self.soft_positives_per_query
+
+    def hard_resized(self, index: int) -> Tensor:
+        """Image `index` (database or query) resized to `args.resize`: (3, H, W), whatever the test method."""
+        return _normalized_tensor(open_rgb_image(self.images_paths[index]), self.resize)
+
+    def hard_resized_images(self, indexes: Sequence[int] | None = None) -> Dataset:
+        """A Dataset of (hard-resized image (3, H, W), global index) over `indexes` (default: every image)."""
+        return _HardResizedImages(self, range(len(self.images_paths)) if indexes is None else indexes)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if index < self.database_num:
+            return self.hard_resized(index), index
+        image = open_rgb_image(self.images_paths[index])
+        return query_test_transform(image, self.test_method, self.resize), index
+
+    def __len__(self) -> int:
+        return len(self.images_paths)
+
+    def __repr__(self) -> str:
+        counts = f"#database: {self.database_num}; #queries: {self.queries_num}"
+        return f"< {self.__class__.__name__}, {self.dataset_name} - {counts} >"
+
+
+class _HardResizedImages(Dataset):
+    """(hard-resized image, global index) for some images of a BaseDataset."""
+
+    def __init__(self, dataset: BaseDataset, indexes: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indexes = [int(i) for i in indexes]
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        index = self.indexes[position]
+        return self.dataset.hard_resized(index), index
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+
+def collate_fn(batch: Sequence[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Join B items of a TripletsDataset, each (images (2+N, 3, H, W), local (N, 3), global (2+N,)).
+
+    Returns images (B*(2+N), 3, H, W); triplets_local_indexes (B*N, 3), rows (query, positive, negative) that
+    index the returned images; triplets_global_indexes (B, 2+N).
+    """
+    images = torch.cat([item[0] for item in batch])
+    local_indexes = [item[1] + i * item[0].shape[0] for i, item in enumerate(batch)]
+    global_indexes = torch.stack([item[2] for item in batch])
+    return images, torch.cat(local_indexes), global_indexes
+
+
+class TripletsDataset(BaseDataset):
+    """Training triplets (query, best positive, hardest negatives), mined with `args.mining`.
+
+    Queries with no database image within `args.train_positives_dist_threshold` metres are dropped (logged); every
+    attribute about queries (paths, utms, soft and hard positives) covers the kept ones only.
+    `hard_positives_per_query[q]` are the database indexes within that threshold, nearest first.
+
+    Call `compute_triplets(args, model)` before iterating: it samples `args.cache_refresh_rate` queries. Then
+    `dataset[i]` is (images (2+N, 3, H, W) = query, positive, N negatives; triplets_local_indexes (N, 3) int64 rows
+    (0, 1, 2+n); triplets_global_indexes (2+N,) int64 = query index, database indexes of positive and negatives),
+    with N = negs_num_per_query. The query gets the augmentations of the flags; with --horizontal_flip a whole
+    item (query, positive and negatives together) is flipped or not, so the query and its positive keep the same
+    geometry.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        datasets_folder: str = "datasets",
+        dataset_name: str = "pitts30k",
+        split: str = "train",
+        negs_num_per_query: int | None = None,
+    ) -> None:
+        super().__init__(args, datasets_folder, dataset_name, split)
+        self.mining = args.mining
+        self.neg_samples_num = args.neg_samples_num
+        self.negs_num_per_query = args.negs_num_per_query if negs_num_per_query is None else negs_num_per_query
+        self.rng = np.random.default_rng(args.seed)
+        self.horizontal_flip = bool(getattr(args, "horizontal_flip", False))
+        self.query_augmentation = _query_augmentation(args, self.resize)
+
+        self.hard_positives_per_query = self.positives_within(args.train_positives_dist_threshold)
+        keep = np.array([len(p) > 0 for p in self.hard_positives_per_query], dtype=bool)
+        if not keep.all():
+            logger.info(
+                f"{int((~keep).sum())} of {len(keep)} training queries have no database image within "
+                f"{args.train_positives_dist_threshold} m and are left out"
+            )
+        if not keep.any():
+            raise ValueError(
+                f"no query of {self.dataset_folder} has a database image within "
+                f"{args.train_positives_dist_threshold} m (--train_positives_dist_threshold): nothing to train on"
+            )
+        kept = np.flatnonzero(keep)
+        self.queries_paths = [self.queries_paths[q] for q in kept]
+        self.queries_utms = self.queries_utms[kept]
+        self.soft_positives_per_query = [self.soft_positives_per_query[q] for q in kept]
+        self.hard_positives_per_query = [self.hard_positives_per_query[q] for q in kept]
+        self.images_paths = self.database_paths + self.queries_paths
+        self.queries_num = len(self.queries_paths)
+
+        self._check_negatives_exist()
+        if self.mining == "full":  # the hardest negatives of each query so far, mined again next time
+            self.neg_cache = [np.empty((0,), dtype=np.int64) for _ in range(self.queries_num)]
+        if self.mining == "msls_weighted":
+            self.query_weights = self._msls_query_weights()
+        self.triplets_global_indexes = torch.empty((0, 2 + self.negs_num_per_query), dtype=torch.int64)
+
+    def _check_negatives_exist(self) -> None:
+        if self.mining != "random" and self.neg_samples_num > self.database_num:
+            raise ValueError(
+                f"--neg_samples_num {self.neg_samples_num} is more than the {self.database_num} database images "
+                f"of {self.dataset_folder}"
+            )
+        negatives_num = np.array([self.database_num - len(p) for p in self.soft_positives_per_query])
+        fewest = int(negatives_num.argmin())
+        if negatives_num[fewest] < self.negs_num_per_query:
+            raise ValueError(
+                f"--negs_num_per_query {self.negs_num_per_query} negatives are asked, but query "
+                f"{self.queries_paths[fewest]} has only {negatives_num[fewest]} database images farther than "
+                f"{self.args.val_positive_dist_threshold} m"
+            )
+
+    def _msls_query_weights(self) -> np.ndarray:
+        """Sampling probabilities (queries_num,) that favour night and sideways queries, as MSLS's supplementary."""
+        try:
+            notes = [parse_note(p).split("_") for p in self.queries_paths]
+        except ValueError as error:
+            raise ValueError(
+                f"--mining msls_weighted needs MSLS-style notes (e.g. night_sideways_city): {error}"
+            ) from None
+        malformed = [p for p, n in zip(self.queries_paths, notes) if len(n) < 2]
+        if malformed:
+            raise ValueError(
+                f"--mining msls_weighted needs notes like <day|night>_<view direction>_..., but {malformed[0]} "
+                f"has note {parse_note(malformed[0])!r}"
+            )
+        is_night = np.array([n[0] == "night" for n in notes])
+        is_sideways = np.array([n[1] == "sideways" for n in notes])
+        if not is_night.any() or not is_sideways.any():
+            raise ValueError(
+                f"--mining msls_weighted needs night and sideways queries, but {self.dataset_folder} has "
+                f"{int(is_night.sum())} night and {int(is_sideways.sum())} sideways queries"
+            )
+        weights = np.ones(self.queries_num)
+        weights[is_night] += self.queries_num / is_night.sum()
+        weights[is_sideways] += self.queries_num / is_sideways.sum()
+        logger.info(
+            f"msls_weighted: {int(is_sideways.sum())}/{self.queries_num} sideways and "
+            f"{int(is_night.sum())}/{self.queries_num} night queries"
+        )
+        return weights / weights.sum()
+
+    def compute_triplets(self, args: argparse.Namespace, model: nn.Module) -> None:
+        """Sample `args.cache_refresh_rate` queries and mine one triplet each into `triplets_global_indexes`.
+
+        Descriptors come from `model` (`util.extract_features`) on `args.device`, for the sampled queries and the
+        database images the mining looks at: partial and msls_weighted sample `neg_samples_num` database images
+        once and take each query's hardest negatives among them; full computes the whole database and takes the
+        hardest among `neg_samples_num` fresh samples plus the query's previous hardest; random takes random
+        negatives. The best positive is always the hard positive nearest in descriptor space; negatives are never
+        soft positives. Result: `triplets_global_indexes` (cache_refresh_rate, 2 + negs_num_per_query) int64.
+        """
+        queries_num, database_num = self.queries_num, self.database_num
+        if args.cache_refresh_rate > queries_num:
+            raise ValueError(
+                f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {queries_num} training queries "
+                f"that have a positive"
+            )
+        weights = self.query_weights if self.mining == "msls_weighted" else None
+        sampled_queries = self.rng.choice(queries_num, args.cache_refresh_rate, replace=False, p=weights)
+        positives = np.concatenate([self.hard_positives_per_query[q] for q in sampled_queries])
+        sampled_database = None
+        if self.mining == "full":
+            database_indexes = np.arange(database_num)
+        elif self.mining == "random":
+            database_indexes = np.unique(positives)
+        else:
+            sampled_database = self.rng.choice(database_num, self.neg_samples_num, replace=False)
+            database_indexes = np.union1d(sampled_database, positives)
+        global_indexes = np.concatenate([database_indexes, sampled_queries + database_num])
+        descriptors = _global_descriptors(args, model, self.hard_resized_images(global_indexes))
+        row_of = np.full(len(self.images_paths), -1, dtype=np.int64)
+        row_of[global_indexes] = np.arange(len(global_indexes))
+
+        triplets = []
+        for query_index in sampled_queries:
+            query_descriptor = descriptors[row_of[database_num + query_index]]
+            hard_positives = self.hard_positives_per_query[query_index]
+            positive_distances = _squared_distances(query_descriptor, descriptors[row_of[hard_positives]])
+            best_positive = hard_positives[positive_distances.argmin()]
+            soft_positives = self.soft_positives_per_query[query_index]
+            if self.mining == "random":
+                # drawing as many extra images as there are soft positives leaves enough after removing them,
+                # without listing the whole database for every query
+                drawn = self.rng.choice(database_num, self.negs_num_per_query + len(soft_positives), replace=False)
+                negatives = drawn[~np.isin(drawn, soft_positives)][: self.negs_num_per_query]
+            else:
+                if self.mining == "full":
+                    samples = self.rng.choice(database_num, self.neg_samples_num, replace=False)
+                    candidates = np.union1d(self.neg_cache[query_index], np.setdiff1d(samples, soft_positives))
+                else:
+                    candidates = np.setdiff1d(sampled_database, soft_positives)
+                if len(candidates) < self.negs_num_per_query:
+                    raise ValueError(
+                        f"query {self.queries_paths[query_index]} has {len(candidates)} negatives among the "
+                        f"{self.neg_samples_num} sampled database images, fewer than --negs_num_per_query "
+                        f"{self.negs_num_per_query}: raise --neg_samples_num"
+                    )
+                negative_distances = _squared_distances(query_descriptor, descriptors[row_of[candidates]])
+                negatives = candidates[np.argsort(negative_distances, kind="stable")[: self.negs_num_per_query]]
+                if self.mining == "full":
+                    self.neg_cache[query_index] = negatives
+            triplets.append([query_index, best_positive, *negatives])
+        self.triplets_global_indexes = torch.tensor(np.array(triplets, dtype=np.int64))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        if len(self.triplets_global_indexes) == 0:
+            raise RuntimeError("no triplets yet: call compute_triplets(args, model) first")
+        global_indexes = self.triplets_global_indexes[index]
+        query_index, positive_index = int(global_indexes[0]), int(global_indexes[1])
+        query = self.query_augmentation(open_rgb_image(self.queries_paths[query_index]))
+        others = [self.hard_resized(int(i)) for i in (positive_index, *global_indexes[2:])]
+        images = torch.stack([query, *others])
+        if self.horizontal_flip and torch.rand(()) < 0.5:
+            images = images.flip(-1)
+        negatives = torch.arange(2, len(global_indexes))
+        local_indexes = torch.stack([torch.zeros_like(negatives), torch.ones_like(negatives), negatives], dim=1)
+        return images, local_indexes, global_indexes
+
+    def __len__(self) -> int:
+        return len(self.triplets_global_indexes)
+
+
+def _query_augmentation(args: argparse.Namespace, resize: tuple[int, int]) -> T.Compose:
+    """PIL image -> (3, H, W) tensor: the training-query augmentations of the flags, then resize and normalise."""
+    steps: list[nn.Module] = []
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        value = getattr(args, name, None)
+        if value is not None:
+            steps.append(T.ColorJitter(**{name: value}))
+    if getattr(args, "rand_perspective", None) is not None:
+        steps.append(T.RandomPerspective(distortion_scale=args.rand_perspective))
+    crop_scale = getattr(args, "random_resized_crop", None)
+    if crop_scale is not None:
+        if not 0 <= crop_scale < 1:
+            raise ValueError(f"--random_resized_crop {crop_scale}: must be in [0, 1) (crops of scale 1 - value to 1)")
+        steps.append(T.RandomResizedCrop(size=list(resize), scale=(1 - crop_scale, 1.0)))
+    if getattr(args, "random_rotation", None) is not None:
+        steps.append(T.RandomRotation(degrees=args.random_rotation))
+    steps += [T.Resize(list(resize)), T.ToTensor(), _normalize]
+    return T.Compose(steps)
+
+
+class QueryPositivePairs(Dataset):
+    """Query-positive pairs of a training split, to train the DHE head (`train_dhe.py`).
+
+    `args.qp_mode` "gt" (as the original on msls): every query with each database image within
+    `args.val_positive_dist_threshold` metres (the evaluation positives).
+    "predicted" (as the original on pitts30k): the model's top-100 predictions (faiss IndexFlatL2 on the global
+    descriptors of hard-resized images) that are within `args.val_positive_dist_threshold` metres and whose faiss
+    distance, the squared L2 distance between descriptors, is below `args.qp_threshold`.
+
+    Attributes: `pairs` (P, 2) int64 rows (query index, database index); `distances` (P,) float32 (the squared
+    descriptor distances; NaN in gt mode). `dataset[i]` is (query (3, H, W), positive (3, H, W)), each an independent
+    RandomResizedCrop(args.resize, scale=(0.7, 1)) of the image, normalised; the crops draw from torch's global RNG.
+    """
+
+    def __init__(self, args: argparse.Namespace, dataset: BaseDataset, model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.qp_mode = args.qp_mode
+        self.crop = T.RandomResizedCrop(size=list(args.resize), scale=QP_CROP_SCALE)
+        if self.qp_mode == "gt":
+            # as the original's msls mode: the evaluation positives (soft, 25 m by default)
+            positives = dataset.get_positives()
+            pairs = [(q, p) for q, query_positives in enumerate(positives) for p in query_positives]
+            distances = np.full(len(pairs), np.nan, dtype=np.float32)
+            where = f"within {args.val_positive_dist_threshold} m (--val_positive_dist_threshold)"
+        elif self.qp_mode == "predicted":
+            if model is None:
+                raise ValueError("qp_mode 'predicted' needs a model to compute descriptors")
+            pairs, distances = self._predicted_pairs(args, dataset, model)
+            where = (
+                f"within {args.val_positive_dist_threshold} m among the top {QP_NUM_PREDICTIONS} predictions and "
+                f"closer than --qp_threshold {args.qp_threshold} in descriptor space"
+            )
+        else:
+            raise ValueError(f"unknown qp_mode {self.qp_mode!r}; expected 'gt' or 'predicted'")
+        if not pairs:
+            raise ValueError(f"no query-positive pair in {dataset.dataset_folder}: no database image {where}")
+        self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.distances = np.asarray(distances, dtype=np.float32)
+        logger.info(f"{len(self.pairs)} query-positive pairs ({self.qp_mode}) in {dataset}")
+
+    @staticmethod
+    def _predicted_pairs(
+        args: argparse.Namespace, dataset: BaseDataset, model: nn.Module
+    ) -> tuple[list[tuple[int, int]], list[float]]:
+        descriptors = _global_descriptors(args, model, dataset.hard_resized_images())
+        database_descriptors = np.ascontiguousarray(descriptors[: dataset.database_num])
+        queries_descriptors = np.ascontiguousarray(descriptors[dataset.database_num :])
+        index = faiss.IndexFlatL2(descriptors.shape[1])
+        index.add(database_descriptors)
+        squared_distances, predictions = index.search(
+            queries_descriptors, min(QP_NUM_PREDICTIONS, dataset.database_num)
+        )
+        pairs, distances = [], []
+        for query_index, soft_positives in enumerate(dataset.get_positives()):
+            is_positive = np.isin(predictions[query_index], soft_positives)
+            is_close = squared_distances[query_index] < args.qp_threshold
+            for rank in np.flatnonzero(is_positive & is_close):
+                pairs.append((query_index, int(predictions[query_index, rank])))
+                distances.append(float(squared_distances[query_index, rank]))
+        return pairs, distances
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        query_index, database_index = self.pairs[index]
+        query = self.crop(TF.to_tensor(open_rgb_image(self.dataset.queries_paths[query_index])))
+        positive = self.crop(TF.to_tensor(open_rgb_image(self.dataset.database_paths[database_index])))
+        return _normalize(query), _normalize(positive)
+
+    def __len__(self) -> int:
+        return len(self.pairs)

@@ -1,0 +1,396 @@
+"""Tests of datasets_ws on tiny hand-made datasets (12x16 solid-colour images with chosen UTM names)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+import datasets_ws
+import parser
+
+RED, REDDISH, DARK_RED = (200, 30, 30), (185, 38, 38), (190, 34, 34)
+GREEN, BLUE, BLUISH, GREY = (30, 200, 30), (30, 30, 200), (40, 40, 185), (128, 128, 128)
+
+# name: (east, north, colour). Distances from query qa (1000, 1000): d0 1 m, d1 10 m, d2 25 m, d3 26 m;
+# from qb (1100, 1000): d4 3 m, d5 12 m; from qsoft (1300, 1000): d6 15 m; qfar has nothing within 25 m and its
+# file name sorts first, so that dropping it shifts the indexes of the other queries.
+DATABASE = {
+    "d0": (1000, 1001, GREEN),
+    "d1": (1006, 1008, RED),
+    "d2": (1015, 1020, RED),
+    "d3": (1000, 1026, REDDISH),
+    "d4": (1100, 1003, BLUE),
+    "d5": (1112, 1000, BLUE),
+    "d6": (1315, 1000, GREY),
+    "far0": (2000, 3000, GREY),
+    "far1": (2100, 3000, GREEN),
+    "far2": (2200, 3000, DARK_RED),
+    "far3": (2300, 3000, BLUISH),
+    "far4": (2400, 3000, (200, 200, 30)),
+    "far5": (2500, 3000, (30, 200, 200)),
+}
+QUERIES = {"qa": (1000, 1000, RED), "qb": (1100, 1000, BLUE), "qfar": (10000, 5000, GREY), "qsoft": (1300, 1000, GREEN)}
+
+
+def utm_name(east: float, north: float, note: str | None = None, extension: str = ".jpg") -> str:
+    if note is None:
+        return f"@{east}@{north}@{extension}"
+    return f"@{east}@{north}@17@T@40.44@-79.99@pano@00@000@000@@@20200101@{note}@{extension}"
+
+
+def save_image(path: Path, colour=GREY, mode: str = "RGB", size: tuple[int, int] = (16, 12)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def build_split(root: Path, database: dict, queries: dict, database_folder: str = "database") -> Path:
+    for folder, images in ((database_folder, database), ("queries", queries)):
+        for east, north, colour in images.values():
+            save_image(root / folder / utm_name(east, north), colour)
+    return root
+
+
+def make_args(tmp_path: Path, *extra: str, script: str = "finetune"):
+    argv = ["--datasets_folder", str(tmp_path), "--dataset_name", "toy", "--resize", "32", "32"]
+    argv += ["--num_workers", "0", "--device", "cpu", "--infer_batch_size", "4"]
+    if script == "finetune":
+        argv += ["--cache_refresh_rate", "2", "--queries_per_epoch", "2", "--negs_num_per_query", "2"]
+        argv += ["--neg_samples_num", str(len(DATABASE))]
+    return parser.parse_arguments(script, [*argv, *extra])
+
+
+def database_index(dataset: datasets_ws.BaseDataset, name: str) -> int:
+    east, north, _ = DATABASE[name]
+    return int(np.flatnonzero((dataset.database_utms == (east, north)).all(axis=1))[0])
+
+
+def query_index(dataset: datasets_ws.BaseDataset, name: str) -> int:
+    east, north, _ = QUERIES[name]
+    return int(np.flatnonzero((dataset.queries_utms == (east, north)).all(axis=1))[0])
+
+
+class MeanColourModel(nn.Module):
+    """Global descriptor = mean colour (B, 3); local features = a (B, 3, h, w) subsampling of the image."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images.mean(dim=(2, 3)), images[:, :, ::8, ::8]
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    build_split(tmp_path / "toy" / "images" / "train", DATABASE, QUERIES)
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------- layout and names
+def test_parse_utm_reads_the_file_name_only():
+    assert datasets_ws.parse_utm("/data/a@1@2@/@583.5@4477.25@17@T@.jpg") == (583.5, 4477.25)
+    assert datasets_ws.parse_utm(utm_name(-3, 7, note="night_sideways_x")) == (-3.0, 7.0)
+    assert datasets_ws.parse_note(utm_name(1, 2, note="night_sideways_x")) == "night_sideways_x"
+    for bad in ("photo.jpg", "@abc@10@.jpg", "@10@.jpg", "x@1@2@.jpg", "@nan@2@.jpg"):
+        with pytest.raises(ValueError, match="@utm_east@utm_north"):
+            datasets_ws.parse_utm(f"/data/{bad}")
+    with pytest.raises(ValueError, match="note"):
+        datasets_ws.parse_note(utm_name(1, 2))
+
+
+def test_layout_counts_and_nested_folders(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "val"
+    save_image(split / "database" / "sub@9@9@" / utm_name(10, 20))
+    save_image(split / "database" / "a" / "b" / utm_name(30, 40, extension=".png"))
+    save_image(split / "database" / utm_name(50, 60, extension=".jpeg"))
+    (split / "database" / "notes.txt").write_text("not an image")
+    save_image(split / "queries" / utm_name(11, 21))
+    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "val")
+
+    assert (dataset.database_num, dataset.queries_num, len(dataset)) == (3, 1, 4)
+    assert dataset.database_paths == sorted(dataset.database_paths)
+    assert dataset.images_paths == dataset.database_paths + dataset.queries_paths
+    assert sorted(map(tuple, dataset.database_utms.tolist())) == [(10, 20), (30, 40), (50, 60)]
+    assert dataset.queries_utms.shape == (1, 2) and dataset.queries_utms.dtype == np.float64
+    assert "#database: 3; #queries: 1" in repr(dataset)
+    assert dataset.test_method == "hard_resize"
+    image, index = dataset[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and index == 3
+
+
+def test_gallery_is_an_alias_of_database(tmp_path: Path):
+    build_split(tmp_path / "toy" / "images" / "test", DATABASE, QUERIES, database_folder="gallery")
+    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "test")
+    assert dataset.database_num == len(DATABASE)
+    assert all("/gallery/" in p for p in dataset.database_paths)
+
+
+# -------------------------------------------------------------------------------------------------------- positives
+def test_soft_positives_against_hand_computed_distances(toy: Path):
+    dataset = datasets_ws.BaseDataset(make_args(toy), str(toy), "toy", "train")
+    positives = dataset.get_positives()
+    assert positives[query_index(dataset, "qa")].tolist() == [database_index(dataset, n) for n in ("d0", "d1", "d2")]
+    assert positives[query_index(dataset, "qb")].tolist() == [database_index(dataset, n) for n in ("d4", "d5")]
+    assert positives[query_index(dataset, "qsoft")].tolist() == [database_index(dataset, "d6")]
+    assert positives[query_index(dataset, "qfar")].tolist() == []
+
+
+def test_training_queries_without_hard_positive_are_dropped(toy: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="datasets_ws"):
+        dataset = datasets_ws.TripletsDataset(make_args(toy), str(toy), "toy", "train")
+    assert "2 of 4 training queries" in caplog.text
+    assert dataset.queries_num == 2 and len(dataset.queries_paths) == 2 and dataset.queries_utms.shape == (2, 2)
+    assert dataset.images_paths == dataset.database_paths + dataset.queries_paths
+    qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
+    assert dataset.hard_positives_per_query[qa].tolist() == [database_index(dataset, n) for n in ("d0", "d1")]
+    assert dataset.hard_positives_per_query[qb].tolist() == [database_index(dataset, "d4")]
+    # soft positives stay aligned with the kept queries
+    assert dataset.soft_positives_per_query[qb].tolist() == [database_index(dataset, n) for n in ("d4", "d5")]
+
+
+# ----------------------------------------------------------------------------------------------------------- mining
+def assert_valid_triplets(dataset: datasets_ws.TripletsDataset, negatives_num: int = 2) -> None:
+    triplets = dataset.triplets_global_indexes
+    assert triplets.dtype == torch.int64 and triplets.shape == (2, 2 + negatives_num)
+    for query, positive, *negatives in triplets.tolist():
+        query_utm = dataset.queries_utms[query]
+        assert np.linalg.norm(dataset.database_utms[positive] - query_utm) <= 10
+        assert all(np.linalg.norm(dataset.database_utms[n] - query_utm) > 25 for n in negatives)
+        assert len(set(negatives)) == len(negatives)
+
+
+@pytest.mark.parametrize("mining", ["partial", "full", "random"])
+def test_mining_yields_valid_triplets(toy: Path, mining: str):
+    args = make_args(toy, "--mining", mining)
+    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    for _ in range(2):  # full mining reuses its negative cache the second time
+        dataset.compute_triplets(args, MeanColourModel())
+        assert_valid_triplets(dataset)
+    by_query = {row[0]: row for row in dataset.triplets_global_indexes.tolist()}
+    qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
+    # best positive: the hard positive nearest in descriptor space (d1 is red like qa; d0, nearer in metres, is green)
+    assert by_query[qa][1] == database_index(dataset, "d1")
+    assert by_query[qb][1] == database_index(dataset, "d4")
+    if mining != "random":  # every database image was sampled, so the hardest negatives are known
+        assert by_query[qa][2:] == [database_index(dataset, "far2"), database_index(dataset, "d3")]
+        assert by_query[qb][2] == database_index(dataset, "far3")
+    if mining == "full":
+        assert dataset.neg_cache[qa].tolist() == by_query[qa][2:]
+
+
+def test_triplet_items_and_collate(toy: Path):
+    args = make_args(toy, "--horizontal_flip", "--brightness", "0.3", "--random_resized_crop", "0.6")
+    args.random_rotation, args.rand_perspective, args.hue = 5.0, 0.2, 0.1
+    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    with pytest.raises(RuntimeError, match="compute_triplets"):
+        dataset[0]
+    dataset.compute_triplets(args, MeanColourModel())
+    images, local_indexes, global_indexes = dataset[0]
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert local_indexes.tolist() == [[0, 1, 2], [0, 1, 3]]
+    assert torch.equal(global_indexes, dataset.triplets_global_indexes[0])
+    torch.manual_seed(3)
+    first = dataset[1][0]
+    torch.manual_seed(3)
+    assert torch.equal(first, dataset[1][0])
+
+    loader = DataLoader(dataset, batch_size=2, collate_fn=datasets_ws.collate_fn)
+    images, local_indexes, global_indexes = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32)
+    assert local_indexes.tolist() == [[0, 1, 2], [0, 1, 3], [4, 5, 6], [4, 5, 7]]
+    assert torch.equal(global_indexes, dataset.triplets_global_indexes)
+
+
+def test_mining_is_deterministic_given_the_seed(toy: Path):
+    args = make_args(toy, "--mining", "random", "--seed", "7")
+    results = []
+    for _ in range(2):
+        dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+        dataset.compute_triplets(args, MeanColourModel())
+        results.append(dataset.triplets_global_indexes)
+    assert torch.equal(*results)
+
+
+def build_msls_split(root: Path, with_notes: bool = True) -> None:
+    notes = ["night_forward_x", "day_sideways_x", "day_forward_x", "day_forward_x"]
+    for i in range(6):
+        save_image(root / "database" / utm_name(0, 100 * i), GREY)
+    for i, note in enumerate(notes):
+        save_image(root / "queries" / utm_name(1, 100 * i, note=note if with_notes else None), RED)
+
+
+def test_msls_weighted_mining(tmp_path: Path):
+    build_msls_split(tmp_path / "toy" / "images" / "train")
+    args = make_args(tmp_path, "--mining", "msls_weighted", "--neg_samples_num", "6")
+    dataset = datasets_ws.TripletsDataset(args, str(tmp_path), "toy", "train")
+    weights = {
+        datasets_ws.parse_note(p) + str(i): w
+        for i, (p, w) in enumerate(zip(dataset.queries_paths, dataset.query_weights))
+    }
+    expected = {
+        "night_forward_x0": 5 / 12,
+        "day_sideways_x1": 5 / 12,
+        "day_forward_x2": 1 / 12,
+        "day_forward_x3": 1 / 12,
+    }
+    assert weights == pytest.approx(expected)
+    dataset.compute_triplets(args, MeanColourModel())
+    assert_valid_triplets(dataset)
+
+
+def test_msls_weighted_needs_the_note_field(toy: Path):
+    with pytest.raises(ValueError, match="msls_weighted.*note"):
+        datasets_ws.TripletsDataset(make_args(toy, "--mining", "msls_weighted"), str(toy), "toy", "train")
+
+
+def test_asking_for_more_negatives_than_exist(toy: Path):
+    with pytest.raises(ValueError, match="negs_num_per_query 20"):
+        datasets_ws.TripletsDataset(make_args(toy, "--negs_num_per_query", "20"), str(toy), "toy", "train")
+    with pytest.raises(ValueError, match=f"neg_samples_num 50 is more than the {len(DATABASE)}"):
+        datasets_ws.TripletsDataset(make_args(toy, "--neg_samples_num", "50"), str(toy), "toy", "train")
+    args = make_args(toy, "--neg_samples_num", "1")
+    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    with pytest.raises(ValueError, match="fewer than --negs_num_per_query 2"):
+        dataset.compute_triplets(args, MeanColourModel())
+    args = make_args(toy, "--cache_refresh_rate", "3", "--queries_per_epoch", "3")
+    with pytest.raises(ValueError, match="cache_refresh_rate 3 is more than the 2"):
+        datasets_ws.TripletsDataset(args, str(toy), "toy", "train").compute_triplets(args, MeanColourModel())
+
+
+# ----------------------------------------------------------------------------------------------------------- pairs
+def test_query_positive_pairs_ground_truth(toy: Path):
+    args = make_args(toy, "--qp_mode", "gt", script="train_dhe")
+    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
+    pairs = datasets_ws.QueryPositivePairs(args, dataset)
+    qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
+    qsoft = query_index(dataset, "qsoft")
+    # every database image within 25 m (inclusive): qa d0 1 m, d1 10 m, d2 25 m (not d3, 26 m); qb d4, d5; qsoft d6
+    expected = {(qa, database_index(dataset, n)) for n in ("d0", "d1", "d2")}
+    expected |= {(qb, database_index(dataset, n)) for n in ("d4", "d5")} | {(qsoft, database_index(dataset, "d6"))}
+    assert set(map(tuple, pairs.pairs.tolist())) == expected and len(pairs) == 6
+    torch.manual_seed(0)
+    query, positive = pairs[0]
+    assert query.shape == positive.shape == (3, 32, 32)
+    torch.manual_seed(0)
+    assert torch.equal(pairs[0][0], query)
+
+
+def test_query_positive_pairs_predicted(toy: Path):
+    args = make_args(toy, script="train_dhe")
+    assert args.qp_mode == "predicted"
+    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
+    pairs = datasets_ws.QueryPositivePairs(args, dataset, MeanColourModel())
+    qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
+    # within 25 m and of the same colour: d0 (green) is too far in descriptor space, d3 too far in metres
+    expected = {(qa, database_index(dataset, n)) for n in ("d1", "d2")}
+    expected |= {(qb, database_index(dataset, n)) for n in ("d4", "d5")}
+    assert set(map(tuple, pairs.pairs.tolist())) == expected
+    assert (pairs.distances < args.qp_threshold).all()
+    with pytest.raises(ValueError, match="needs a model"):
+        datasets_ws.QueryPositivePairs(args, dataset)
+
+
+def test_query_positive_pairs_none_found(toy: Path):
+    class FarApartModel(nn.Module):
+        def forward(self, images: torch.Tensor):
+            return torch.arange(len(images) * 4, dtype=torch.float32).reshape(-1, 4) * 100 + 1e4 * torch.rand(
+                ()
+            ), images
+
+    args = make_args(toy, script="train_dhe")
+    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
+    with pytest.raises(ValueError, match="no query-positive pair"):
+        datasets_ws.QueryPositivePairs(args, dataset, FarApartModel())
+
+
+# ----------------------------------------------------------------------------------------------------------- errors
+def test_missing_folders(tmp_path: Path):
+    args = make_args(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dataset folder .*nope does not exist.*expected layout"):
+        datasets_ws.BaseDataset(args, str(tmp_path), "nope", "train")
+    save_image(tmp_path / "toy" / "images" / "train" / "queries" / utm_name(0, 0))
+    with pytest.raises(FileNotFoundError, match=r"split folder .*test does not exist \(splits found: \['train'\]\)"):
+        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "test")
+    with pytest.raises(FileNotFoundError, match="database folder .*train/database"):
+        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "train")
+    save_image(tmp_path / "toy" / "images" / "val" / "database" / utm_name(0, 0))
+    with pytest.raises(FileNotFoundError, match="queries folder .*val/queries does not exist"):
+        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "val")
+
+
+def test_database_and_gallery_together(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "train"
+    for folder in ("database", "gallery", "queries"):
+        save_image(split / folder / utm_name(0, 0))
+    with pytest.raises(ValueError, match="both database/ and gallery/"):
+        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+
+
+def test_empty_folder(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "train"
+    save_image(split / "queries" / utm_name(0, 0))
+    (split / "database").mkdir()
+    (split / "database" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="no .jpg/.jpeg/.png images found in .*database"):
+        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+
+
+def test_bad_name(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "train"
+    save_image(split / "queries" / utm_name(0, 0))
+    save_image(split / "database" / "IMG_0001.jpg")
+    with pytest.raises(ValueError, match="IMG_0001.jpg.*@utm_east@utm_north"):
+        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+
+
+def test_corrupt_image(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "train"
+    save_image(split / "queries" / utm_name(0, 0))
+    corrupt = split / "database" / utm_name(1, 1)
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"this is not a jpeg at all")
+    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+    with pytest.raises(OSError, match=f"cannot read image {corrupt}"):
+        dataset[0]
+
+
+# ----------------------------------------------------------------------------------------------------------- images
+def test_image_modes_become_rgb(tmp_path: Path):
+    database = tmp_path / "toy" / "images" / "train" / "database"
+    save_image(database / utm_name(0, 0), 90, mode="L")
+    save_image(database / utm_name(0, 1, extension=".png"), (10, 200, 30, 0), mode="RGBA")
+    palette = Image.new("P", (16, 12), 1)
+    palette.putpalette([0, 0, 0, 250, 20, 20] + [0, 0, 0] * 254)
+    palette.info["transparency"] = 0
+    palette.save(database / utm_name(0, 2, extension=".png"))
+    sixteen_bit = database / utm_name(0, 3, extension=".png")
+    Image.fromarray(np.full((12, 16), 128 * 257, dtype=np.uint16)).save(sixteen_bit)
+    save_image(tmp_path / "toy" / "images" / "train" / "queries" / utm_name(0, 0), 90, mode="L")
+    dataset = datasets_ws.BaseDataset(make_args(tmp_path, "--resize", "48", "64"), str(tmp_path), "toy", "train")
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        assert image.shape == (3, 48, 64) and image.dtype == torch.float32
+    assert Image.open(sixteen_bit).mode == "I;16"
+    assert np.asarray(datasets_ws.open_rgb_image(str(sixteen_bit))).tolist() == [[[128] * 3] * 16] * 12
+    palette_rgb = np.asarray(datasets_ws.open_rgb_image(str(database / utm_name(0, 2, extension=".png"))))
+    assert palette_rgb[0, 0].tolist() == [250, 20, 20]
+    thirty_two_bit = Image.fromarray(np.array([[0, 65535, 257 * 10]], dtype=np.int32), mode="I")
+    assert np.asarray(datasets_ws.to_rgb(thirty_two_bit))[0, :, 0].tolist() == [0, 255, 10]
+
+
+def test_query_test_methods(toy: Path):
+    dataset = datasets_ws.BaseDataset(make_args(toy, "--resize", "32", "48"), str(toy), "toy", "train")
+    query = dataset.database_num  # images are 12 x 16 (H x W)
+    expected = {"hard_resize": (3, 32, 48), "central_crop": (3, 32, 48), "single_query": (3, 32, 42)}
+    expected |= {method: (5, 3, 32, 32) for method in ("five_crops", "nearest_crop", "maj_voting")}
+    for method, shape in expected.items():
+        dataset.test_method = method
+        assert dataset[query][0].shape == shape, method
+        assert dataset[0][0].shape == (3, 32, 48), "database images are always hard-resized"
+        assert dataset.hard_resized(query).shape == (3, 32, 48)
+    images = dataset.hard_resized_images([0, query])
+    assert len(images) == 2 and images[1][1] == query and images[1][0].shape == (3, 32, 48)

@@ -1,0 +1,71 @@
+"""Flags: the original's defaults, the new ones, and clear errors for values out of range."""
+
+from __future__ import annotations
+
+import pytest
+
+import parser
+
+
+def test_eval_defaults_are_the_originals(monkeypatch):
+    monkeypatch.delenv("DATASETS_FOLDER", raising=False)
+    args = parser.parse_arguments("eval", ["--datasets_folder", "data"])
+    assert args.resize == (384, 384)
+    assert (args.trunc_te, args.freeze_te) == (8, 5)
+    assert (args.num_reranked_preds, args.infer_batch_size) == (32, 32)
+    assert args.recall_values == [1, 5, 10, 20]
+    assert args.val_positive_dist_threshold == 25
+    assert args.test_method == "hard_resize"
+    assert args.device == "auto" and args.amp is False
+
+
+def test_finetune_and_train_dhe_defaults():
+    finetune = parser.parse_arguments("finetune", ["--datasets_folder", "data"])
+    assert (finetune.lr, finetune.margin, finetune.train_batch_size) == (0.00001, 0.1, 4)
+    assert (finetune.mining, finetune.cache_refresh_rate, finetune.queries_per_epoch) == ("partial", 1000, 5000)
+    assert (finetune.negs_num_per_query, finetune.neg_samples_num, finetune.train_positives_dist_threshold) == (
+        2,
+        1000,
+        10,
+    )
+    train_dhe = parser.parse_arguments("train_dhe", ["--datasets_folder", "data"])
+    assert (train_dhe.lr, train_dhe.batch_size, train_dhe.qp_threshold) == (0.0001, 16, 0.14)
+    assert (train_dhe.n_epochs, train_dhe.iterations_per_epoch) == (100, 2000)
+    assert train_dhe.qp_mode == "predicted"
+    msls = parser.parse_arguments("train_dhe", ["--datasets_folder", "data", "--dataset_name", "msls"])
+    assert msls.qp_mode == "gt"
+
+
+def test_datasets_folder_from_environment(monkeypatch):
+    monkeypatch.setenv("DATASETS_FOLDER", "/somewhere")
+    assert parser.parse_arguments("eval", []).datasets_folder == "/somewhere"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--resize", "100", "96"], "--resize 100 96: each side must be a positive multiple of 16"),
+        (["--num_reranked_preds", "0"], "--num_reranked_preds 0: must be a positive integer"),
+        (["--recall_values", "1", "-5"], "--recall_values [1, -5]"),
+        (["--trunc_te", "20"], "argument --trunc_te: invalid choice"),
+        (["--device", "tpu"], "argument --device: invalid choice"),
+    ],
+)
+def test_bad_values_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        parser.parse_arguments("eval", ["--datasets_folder", "data", *argv])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_datasets_folder_is_explained(monkeypatch, capsys):
+    monkeypatch.delenv("DATASETS_FOLDER", raising=False)
+    with pytest.raises(SystemExit):
+        parser.parse_arguments("eval", [])
+    assert "pass --datasets_folder or export DATASETS_FOLDER" in capsys.readouterr().err
+
+
+def test_queries_per_epoch_must_be_a_multiple_of_cache_refresh_rate(capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_arguments("finetune", ["--datasets_folder", "d", "--queries_per_epoch", "1500"])
+    assert "--queries_per_epoch 1500 must be a multiple of --cache_refresh_rate 1000" in capsys.readouterr().err

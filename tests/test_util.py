@@ -1,0 +1,86 @@
+"""Evaluation helpers: the local feature store, faiss search and its padding, crop merging, recalls."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import util
+
+
+def test_local_feature_store_round_trip(tmp_path):
+    path = tmp_path / "local.f16"
+    features = torch.randn(5, 8, 3, 2, generator=torch.Generator().manual_seed(0))
+    store = util.LocalFeatureStore(path, num_records=7, feature_shape=(8, 3, 2))
+    store.write([6, 0, 3, 2, 5], features)
+    read = store.read([0, 6, 5])
+    assert read.dtype == torch.float16 and read.shape == (3, 8, 3, 2)
+    torch.testing.assert_close(read.float(), features[[1, 0, 4]].half().float())
+    assert path.stat().st_size == 7 * 8 * 3 * 2 * 2
+    with pytest.raises(IndexError, match="record 7 out of range for a store of 7"):
+        store.read([7])
+    with pytest.raises(ValueError, match=r"expected \(1, 8, 3, 2\) features"):
+        store.write([1], torch.zeros(1, 8, 2, 3))
+    store.close()
+    assert not path.exists()
+
+
+def test_search_clamps_faiss_padding_and_warns(caplog):
+    database = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]], dtype=np.float32)
+    queries = np.array([[0.9, 0.1], [4.0, 4.0]], dtype=np.float32)
+    with caplog.at_level(logging.WARNING):
+        distances, predictions = util.search(database, queries, k=10)
+    assert predictions.shape == (2, 3)
+    assert (predictions >= 0).all()
+    np.testing.assert_array_equal(predictions, [[1, 0, 2], [2, 1, 0]])
+    np.testing.assert_allclose(distances[0, 0], 0.01 + 0.01, rtol=1e-5)
+    assert sum("database has only 3 images" in r.message for r in caplog.records) == 1
+
+
+def test_recalls_count_queries_without_positives_as_misses():
+    predictions = np.array([[3, 1, 2], [0, 2, 1], [1, 2, 3], [2, 0, 1]])
+    positives = [np.array([3]), np.array([1]), np.array([], dtype=np.int64), np.array([1, 0])]
+    recalls = util.compute_recalls(predictions, positives, [1, 2, 3])
+    # query 0 hit at 1; query 1 at 3; query 2 never (no positives); query 3 at 2
+    np.testing.assert_allclose(recalls, [25.0, 50.0, 75.0])
+    assert util.recalls_to_str(recalls, [1, 2, 3]) == "R@1: 25.0, R@2: 50.0, R@3: 75.0"
+
+
+def test_nearest_crop_merges_crops_by_distance_without_duplicates():
+    # one query, two crops, k = 3
+    distances = np.array([[0.5, 0.7, 0.9], [0.1, 0.6, 0.8]], dtype=np.float32)
+    predictions = np.array([[4, 2, 7], [2, 5, 4]])
+    merged = util.merge_crop_predictions(distances, predictions, 2, 3, "nearest_crop", 0.01)
+    np.testing.assert_array_equal(merged, [[2, 4, 5]])
+
+
+def test_majority_voting_promotes_predictions_that_crops_agree_on():
+    distances = np.array([[0.10, 0.20], [0.30, 0.11], [0.31, 0.12]], dtype=np.float32)
+    predictions = np.array([[1, 2], [3, 2], [4, 2]])
+    nearest = util.merge_crop_predictions(distances, predictions, 3, 2, "nearest_crop", 0.1)
+    voted = util.merge_crop_predictions(distances, predictions, 3, 2, "maj_voting", 0.1)
+    np.testing.assert_array_equal(nearest, [[1, 2]])
+    # 2 is in the top 5 and top 10 of all three crops: its distances drop by 0.1 * 3 / 5 + 0.1 * 3 / 10
+    np.testing.assert_array_equal(voted, [[2, 1]])
+
+
+def test_save_predictions_writes_both_stages(tmp_path):
+    path = tmp_path / "predictions.csv"
+    util.save_predictions(
+        path,
+        ["q0.jpg"],
+        ["d0.jpg", "d1.jpg", "d2.jpg"],
+        predictions=np.array([[2, 0, 1]]),
+        distances=np.array([[0.1, 0.2, 0.3]]),
+        reranked=np.array([[0, 2, 1]]),
+        rerank_scores=np.array([[12.0, 3.0]]),
+    )
+    lines = path.read_text().splitlines()
+    assert lines[0] == "query_index,query_path,stage,rank,database_index,database_path,score"
+    assert lines[1] == "0,q0.jpg,global,0,2,d2.jpg,0.1"
+    assert lines[4] == "0,q0.jpg,reranked,0,0,d0.jpg,12"
+    assert lines[6] == "0,q0.jpg,reranked,2,1,d1.jpg,"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
