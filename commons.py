@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+_RUN_HANDLER = "dhe_vpr_run"
+
 __all__ = [
     "make_deterministic",
     "resolve_device",
     "make_run_folder",
     "setup_logging",
+    "close_logging",
     "log_run_header",
     "library_versions",
-    "autocast",
     "build_models",
 ]
 
@@ -56,27 +58,35 @@ def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
 def setup_logging(output_folder: str | Path, console: str = "info") -> None:
     """Log to `info.log` (INFO and above) and `debug.log` (everything) in `output_folder`, and to stderr.
 
-    Replaces the handlers of the root logger, so calling it twice in one process (tests) does not duplicate lines.
+    Replaces the handlers of an earlier call, so calling it twice in one process (tests) does not duplicate lines.
     """
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s   %(message)s", "%Y-%m-%d %H:%M:%S")
+    close_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
     root.setLevel(logging.DEBUG)
-    for filename, level in (("info.log", logging.INFO), ("debug.log", logging.DEBUG)):
-        handler = logging.FileHandler(output_folder / filename)
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(output_folder / "info.log"),
+        logging.FileHandler(output_folder / "debug.log"),
+        logging.StreamHandler(sys.stderr),
+    ]
+    for handler, level in zip(handlers, (logging.INFO, logging.DEBUG, getattr(logging, console.upper()))):
         handler.setLevel(level)
         handler.setFormatter(formatter)
+        handler.set_name(_RUN_HANDLER)
         root.addHandler(handler)
-    console_handler = logging.StreamHandler(sys.stderr)
-    console_handler.setLevel(getattr(logging, console.upper()))
-    console_handler.setFormatter(formatter)
-    root.addHandler(console_handler)
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def close_logging() -> None:
+    """Detach and close the handlers `setup_logging` added (the run's log files), e.g. before deleting its folder."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _RUN_HANDLER:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def library_versions() -> dict[str, str]:
@@ -106,15 +116,6 @@ def log_run_header(args: argparse.Namespace, output_folder: Path) -> None:
     logging.info("Versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
     logging.info(f"The outputs are being saved in {output_folder}")
     logging.debug(f"Process id {os.getpid()}, {torch.get_num_threads()} torch threads")
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """Mixed precision for `--amp`: bf16 on CPU; on CUDA bf16 where supported, else fp16."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> dict:
         dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
         features_extractor, homography_regression = commons.build_models(args, device)
     except BaseException:
-        logging.shutdown()
+        commons.close_logging()
         shutil.rmtree(output_folder, ignore_errors=True)
         raise
     logging.info(f"Test set: {dataset}")
@@ -136,7 +136,12 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:
-    return main(parser.parse_arguments("eval", argv))
+    """Parse `argv` (default: the command line), run `main`, and close the run's log files."""
+    args = parser.parse_arguments("eval", argv)
+    try:
+        return main(args)
+    finally:
+        commons.close_logging()
 
 
 if __name__ == "__main__":

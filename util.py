@@ -20,8 +20,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from commons import autocast
-
 __all__ = [
     "LocalFeatureStore",
     "extract_features",
@@ -229,12 +227,12 @@ def rerank_predictions(
     homography_regression.eval()
     reranked = predictions.copy()
     all_scores = np.zeros((len(query_indexes), num_reranked), dtype=np.float64)
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode():
         for row, query_index in enumerate(tqdm(query_indexes, desc="re-ranking", ncols=100, leave=False)):
             candidates = predictions[row, :num_reranked]
             local_query = store.read([query_index]).to(device).float()[0]
             local_candidates = store.read(candidates.tolist()).to(device).float()
-            scores = rerank_scores(homography_regression, local_query, local_candidates, batch_size)
+            scores = rerank_scores(homography_regression, local_query, local_candidates, batch_size, amp)
             scores = scores.double().cpu().numpy()
             order = scores.argsort()[::-1]
             reranked[row, :num_reranked] = candidates[order]

@@ -132,9 +132,9 @@ class TransformerClassifier(nn.Module):
         self.apply(_init_weights)
         trunc_normal_(self.positional_emb, std=0.2)
 
-    def forward_features(self, tokens: Tensor) -> Tensor:
-        """(B, N, C) -> normalised tokens (B, N, C)."""
-        x = self.dropout(tokens + self.positional_emb)
+    def forward_features(self, tokens: Tensor, positional_emb: Tensor | None = None) -> Tensor:
+        """(B, N, C) -> normalised tokens (B, N, C); `positional_emb` (1, N, C) overrides the learned one."""
+        x = self.dropout(tokens + (self.positional_emb if positional_emb is None else positional_emb))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -210,10 +210,23 @@ class CCT(nn.Module):
         self.classifier.blocks = nn.ModuleList(list(self.classifier.blocks)[:num_blocks])
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> tokens (B, H/16 * W/16, embedding_dim), row-major over the grid."""
-        if tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"CCT built for images of {self.img_size}, got {tuple(images.shape[-2:])}")
-        return self.classifier.forward_features(self.tokenizer(images))
+        """(B, 3, H, W) -> tokens (B, H/16 * W/16, embedding_dim), row-major over the grid.
+
+        Images of another size than `img_size` (each side still a multiple of 16) get the positional embedding
+        bilinearly resized to their grid, as when loading weights of another resolution.
+        """
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"CCT input of {height} x {width}: each side must be a multiple of {self.patch_size} "
+                f"(built for {self.img_size})"
+            )
+        tokens = self.tokenizer(images)
+        grid_size = (height // self.patch_size, width // self.patch_size)
+        positional_emb = None
+        if grid_size != self.grid_size:
+            positional_emb = resize_positional_embedding(self.classifier.positional_emb, grid_size, self.grid_size)
+        return self.classifier.forward_features(tokens, positional_emb)
 
     def forward(self, images: Tensor) -> Tensor:
         """Tokens (B, N, C) for a backbone (num_classes=0), logits (B, num_classes) otherwise."""
@@ -222,13 +235,20 @@ class CCT(nn.Module):
         return self.classifier(self.tokenizer(images))
 
 
-def resize_positional_embedding(embedding: Tensor, grid_size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize a (1, N_old, C) positional embedding of a square grid to (1, h * w, C)."""
+def resize_positional_embedding(
+    embedding: Tensor, grid_size: tuple[int, int], old_grid_size: tuple[int, int] | None = None
+) -> Tensor:
+    """Bilinearly resize a (1, h_old * w_old, C) positional embedding to (1, h * w, C).
+
+    `old_grid_size` defaults to a square grid, as ImageNet checkpoints have.
+    """
     _, num_tokens, channels = embedding.shape
-    old_side = math.isqrt(num_tokens)
-    if old_side * old_side != num_tokens:
-        raise ValueError(f"positional embedding with {num_tokens} tokens is not a square grid")
-    grid = embedding.reshape(1, old_side, old_side, channels).permute(0, 3, 1, 2)
+    if old_grid_size is None:
+        side = math.isqrt(num_tokens)
+        old_grid_size = (side, side)
+    if old_grid_size[0] * old_grid_size[1] != num_tokens:
+        raise ValueError(f"positional embedding with {num_tokens} tokens is not a {old_grid_size} grid")
+    grid = embedding.reshape(1, *old_grid_size, channels).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=grid_size, mode="bilinear", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, grid_size[0] * grid_size[1], channels)
 

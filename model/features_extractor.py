@@ -93,10 +93,13 @@ class FeaturesExtractor(nn.Module):
     def local_grid(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> unnormalised backbone feature grid (B, C, H/16, W/16)."""
         tokens = self.encoder.forward_features(images)
-        height, width = self.grid_size
+        height, width = (size // self.patch_size for size in images.shape[-2:])
         return tokens.transpose(1, 2).reshape(tokens.shape[0], self.features_dim, height, width)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) -> (global descriptors (B, C), L2-normalised local features (B, C, H/16, W/16)), C = 384."""
+        """(B, 3, H, W) -> (global descriptors (B, C), L2-normalised local features (B, C, H/16, W/16)), C = 384.
+
+        H, W are normally `resize`; another size (multiple of 16) gets a resized positional embedding.
+        """
         grid = self.local_grid(images)
         return self.pool(grid), F.normalize(grid, p=2, dim=1)

@@ -151,10 +151,14 @@ def test_resize_not_multiple_of_16_is_an_error(resize):
         HomographyRegression(resize=resize)
 
 
-def test_wrong_image_size_is_an_error():
-    features_extractor = FeaturesExtractor(resize=(64, 64), trunc_te=1)
-    with pytest.raises(ValueError, match=r"\(64, 64\)"):
-        features_extractor(torch.zeros(1, 3, 96, 96))
+def test_other_image_sizes_resize_the_positional_embedding():
+    features_extractor = FeaturesExtractor(resize=(64, 64), trunc_te=1).eval()
+    with torch.no_grad():
+        global_descriptors, local_features = features_extractor(torch.randn(1, 3, 96, 64))
+    assert global_descriptors.shape == (1, 384)
+    assert local_features.shape == (1, 384, 6, 4)
+    with pytest.raises(ValueError, match=r"70 x 64: each side must be a multiple of 16 \(built for \(64, 64\)\)"):
+        features_extractor(torch.zeros(1, 3, 70, 64))
 
 
 def test_timm_registry_builds_the_backbone_offline():

@@ -1,0 +1,126 @@
+"""`eval.py` end to end on a tiny hand-made dataset whose recalls can be worked out by hand.
+
+Queries are exact (lossless) copies of database images, so with any weights their global descriptors equal those of
+the copied image, and a DHE head that always predicts the identity homography gives the copy every mutual match as
+an inlier (64 on an 8 x 8 grid). q0 copies d1 (1 m away) and q1 copies d3 (2 m away): both are hits at rank 1,
+before and after re-ranking. q2 copies d0 but lies 5 km away: it has no positive and counts as a miss. So R@1 = R@5
+= 2/3 = 66.7 % in both stages.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as eval_script
+from model import FeaturesExtractor, HomographyRegression
+from model.checkpoints import save_state_dict
+
+SIZE = 128
+TRUNC_TE = 2  # two transformer blocks keep the test fast; the checkpoint is saved at that depth
+DATABASE = {
+    "d0": (500000.0, 4000000.0),
+    "d1": (500100.0, 4000000.0),
+    "d2": (500200.0, 4000000.0),
+    "d3": (500300.0, 4000000.0),
+}
+QUERIES = {"q0": ("d1", 500101.0, 4000000.0), "q1": ("d3", 500302.0, 4000000.0), "q2": ("d0", 505000.0, 4005000.0)}
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    split = root / "tiny" / "images" / "test"
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for name, (east, north) in DATABASE.items():
+        pixels[name] = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        path = split / "database" / f"@{east:.2f}@{north:.2f}@33@T@@@{name}@@@@@@@@.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[name]).save(path)
+    for name, (source, east, north) in QUERIES.items():
+        path = split / "queries" / f"@{east:.2f}@{north:.2f}@33@T@@@{name}@@@@@@@@.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[source]).save(path)
+
+    torch.manual_seed(0)
+    save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), root / "fe.torch")
+    head = HomographyRegression(resize=(SIZE, SIZE))
+    state_dict = head.state_dict()
+    state_dict["linear.weight"].zero_()
+    corners = [8, 8, SIZE - 8, 8, 8, SIZE - 8, SIZE - 8, SIZE - 8]
+    state_dict["linear.bias"].copy_(torch.tensor(corners + corners, dtype=torch.float32))  # identity homography
+    head.load_state_dict(state_dict)
+    save_state_dict(head, root / "hr.torch")
+    return root
+
+
+def run_eval(world: Path, *extra: str) -> dict:
+    return eval_script.cli(
+        [
+            "--datasets_folder", str(world), "--dataset_name", "tiny", "--resize", str(SIZE), str(SIZE),
+            "--resume_fe", str(world / "fe.torch"), "--resume_hr", str(world / "hr.torch"), "--trunc_te", str(TRUNC_TE),
+            "--recall_values", "1", "5", "--device", "cpu", "--num_workers", "0", "--infer_batch_size", "3",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_eval(tiny_world, "--exp_name", "e2e", "--save_predictions")
+    np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
+    np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
+    # the copy is first, and keeps every one of the 64 mutual matches under the identity homography
+    assert result["reranked_predictions"][:, 0].tolist() == [1, 3, 0]
+    assert result["rerank_scores"][:, 0].tolist() == [64, 64, 64]
+    assert (result["rerank_scores"][:, 1:] < 64).all()
+
+    folder = result["output_folder"]
+    assert folder.parent == Path("logs") / "e2e"
+    info = (folder / "info.log").read_text()
+    lines = info.splitlines()
+    assert "python " in lines[0] and "Arguments: Namespace(" in lines[1] and "Versions: python" in lines[2]
+    assert "Test set: < BaseDataset, tiny - #database: 4; #queries: 3 >" in info
+    assert "Asked for 32 predictions, but the database has only 4 images: using 4" in info
+    assert "baseline test: R@1: 66.7, R@5: 66.7" in info
+    assert "test after re-ranking - R@1: 66.7, R@5: 66.7" in info
+    assert "Time: descriptors" in info and "re-ranking" in info
+    assert (folder / "debug.log").exists()
+    assert not (folder / "local_features.f16").exists()  # the temporary store is gone
+
+    with open(folder / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3 * 2 * 4
+    top = [r for r in rows if r["stage"] == "reranked" and r["rank"] == "0"]
+    assert [(r["database_index"], r["score"]) for r in top] == [("1", "64"), ("3", "64"), ("0", "64")]
+    assert "@q0@" in top[0]["query_path"] and "@d1@" in top[0]["database_path"]
+
+
+@pytest.mark.parametrize("test_method", ["single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"])
+def test_eval_test_methods(tiny_world, tmp_path, monkeypatch, test_method):
+    # square queries of the resize size: every crop is the whole image, so every method finds the copies
+    monkeypatch.chdir(tmp_path)
+    result = run_eval(tiny_world, "--test_method", test_method, "--num_reranked_preds", "2")
+    np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
+    np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
+    assert result["rerank_scores"].shape == (3, 2)
+
+
+def test_eval_on_a_missing_dataset_leaves_no_run_folder(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        eval_script.cli(["--datasets_folder", str(tiny_world), "--dataset_name", "nowhere", "--device", "cpu"])
+    assert not any((tmp_path / "logs").rglob("*.log"))
+
+
+def test_eval_with_a_checkpoint_that_does_not_fit(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="DHE head checkpoint"):
+        run_eval(tiny_world, "--resume_fe", str(tiny_world / "hr.torch"))
+    assert not any((tmp_path / "logs").rglob("*.log"))
