@@ -73,7 +73,8 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--amp",
         action="store_true",
-        help="Mixed precision for the DHE head and backbone: bf16 on CPU, fp16 (bf16 if supported) on CUDA.",
+        help="Run the DHE head in mixed precision when re-ranking: bf16 on CPU, bf16 (fp16 where unsupported) on "
+        "CUDA. Descriptors, correlation, DLT and matching stay fp32.",
     )
     group.add_argument("--num_workers", type=int, default=8, help="Worker processes of every data loader.")
     group.add_argument(
@@ -202,7 +203,8 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="before_pool",
         choices=["before_pool", "after_pool", "none"],
-        help="Kept from the original's parser; the features extractor always L2-normalises before GeM.",
+        help="Kept from the original's parser: DHE-VPR's features extractor L2-normalises before GeM, and other "
+        "values are refused.",
     )
     group.add_argument(
         "--train_positives_dist_threshold",
@@ -299,6 +301,8 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "
             f"--cache_refresh_rate {args.cache_refresh_rate}"
         )
+    if getattr(args, "l2", "before_pool") != "before_pool":
+        parser.error(f"--l2 {args.l2}: only before_pool exists in DHE-VPR's features extractor (L2 -> GeM)")
     if hasattr(args, "qp_threshold") and args.qp_threshold <= 0:
         parser.error(f"--qp_threshold {args.qp_threshold}: must be positive")
     if args.datasets_folder is None:

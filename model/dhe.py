@@ -75,7 +75,8 @@ class HomographyRegression(nn.Module):
             activation="gelu",
             batch_first=True,
         )
-        # As in the original, both encoders start from copies of one layer.
+        # As in the original, both encoders start from copies of one layer. They hold the parameters (and keep the
+        # original's key names); `_encode` runs them. Dropout is 0 and must stay so: `_encode` has none.
         self.encoder = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
         self.encoder2 = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
         self.pe = nn.Parameter(torch.zeros(1, d_model, d_model))
@@ -91,6 +92,25 @@ class HomographyRegression(nn.Module):
             )
         x = correlation.reshape(batch, self.d_model, self.d_model) + self.pe
         sequence = x.transpose(1, 2)  # (B, positions, channels)
-        encoded = self.encoder(sequence)
-        encoded = self.encoder2(encoded) + encoded
+        encoded = _encode(self.encoder, sequence)
+        encoded = _encode(self.encoder2, encoded) + encoded
         return self.linear(encoded.transpose(1, 2).reshape(batch, -1)).reshape(batch, 8, 2)
+
+
+def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
+    """`encoder(x)` for the head's post-norm GELU layers without dropout, (B, L, E) -> (B, L, E).
+
+    The same arithmetic as `nn.TransformerEncoder`, written out with one fused QKV projection and
+    `scaled_dot_product_attention` on (B, heads, L, E / heads) views: it skips the layout copies of
+    `nn.MultiheadAttention` and is about 1.2x faster on CPU at the default size (benchmarks/bench_rerank.py).
+    """
+    batch, length, dim = x.shape
+    for layer in encoder.layers:
+        attention = layer.self_attn
+        heads = attention.num_heads
+        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+        query, key, value = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, dim)
+        x = layer.norm1(x + attention.out_proj(attended))
+        x = layer.norm2(x + layer.linear2(F.gelu(layer.linear1(x))))
+    return x

@@ -284,3 +284,16 @@ def test_pretrained_cct_that_does_not_fit_is_an_error(tmp_path):
     torch.save({"tokenizer.conv_layers.0.0.weight": torch.zeros(64, 3, 5, 5)}, path)
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
         load_pretrained_cct(CCT(img_size=(64, 64)), path)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_head_encoders_match_torch_transformer_encoder(train):
+    torch.manual_seed(0)
+    head = HomographyRegression(resize=(96, 64)).train(train)
+    for parameter in head.parameters():  # non-trivial weights everywhere (pe starts at zero)
+        parameter.data.normal_(0, 0.05)
+    correlation = compute_similarity(torch.randn(3, 16, 6, 4), torch.randn(3, 16, 6, 4))
+    sequence = correlation.reshape(3, 24, 24).transpose(1, 2) + head.pe.transpose(1, 2)
+    encoded = head.encoder(sequence)
+    expected = head.linear((head.encoder2(encoded) + encoded).transpose(1, 2).reshape(3, -1)).reshape(3, 8, 2)
+    torch.testing.assert_close(head(correlation), expected, atol=1e-5, rtol=1e-5)

@@ -65,6 +65,12 @@ def test_missing_datasets_folder_is_explained(monkeypatch, capsys):
     assert "pass --datasets_folder or export DATASETS_FOLDER" in capsys.readouterr().err
 
 
+def test_l2_other_than_before_pool_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_arguments("finetune", ["--datasets_folder", "d", "--l2", "after_pool"])
+    assert "--l2 after_pool: only before_pool exists" in capsys.readouterr().err
+
+
 def test_queries_per_epoch_must_be_a_multiple_of_cache_refresh_rate(capsys):
     with pytest.raises(SystemExit):
         parser.parse_arguments("finetune", ["--datasets_folder", "d", "--queries_per_epoch", "1500"])

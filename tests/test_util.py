@@ -84,3 +84,35 @@ def test_save_predictions_writes_both_stages(tmp_path):
     assert lines[4] == "0,q0.jpg,reranked,0,0,d0.jpg,12"
     assert lines[6] == "0,q0.jpg,reranked,2,1,d1.jpg,"
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+
+
+def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
+    """A texture, a perspective-warped copy ranked third by the global stage, and distractors: a DHE head that
+    predicts the copy's true corner correspondences re-ranks it first."""
+    import kornia
+    from test_homography import patch_descriptors, seeded, smooth_texture
+
+    from model import HomographyRegression
+
+    size, generator = 192, seeded()
+    query = smooth_texture(size, generator)
+    corners = torch.tensor([[[8.0, 8.0], [size - 8.0, 8.0], [8.0, size - 8.0], [size - 8.0, size - 8.0]]])
+    moved = corners + torch.tensor([[[7.0, -5.0], [-9.0, 6.0], [5.0, 8.0], [-6.0, -7.0]]])
+    H_true = kornia.geometry.transform.get_perspective_transform(corners, moved)
+    copy = kornia.geometry.transform.warp_perspective(query, H_true, (size, size), padding_mode="reflection")
+    distractors = torch.cat([smooth_texture(size, generator) for _ in range(3)])
+    features = patch_descriptors(torch.cat([distractors[:2], copy, distractors[2:], query]))  # store order
+    store = util.LocalFeatureStore(tmp_path / "local.f16", 5, tuple(features.shape[1:]))
+    store.write(list(range(5)), features)
+
+    head = HomographyRegression(resize=(size, size)).eval()
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.copy_(torch.cat([corners[0], moved[0]]).flatten())
+    predictions = np.array([[0, 1, 2, 3]])  # the copy (database index 2) is third after the global stage
+    reranked, scores = util.rerank_predictions(head, store, [4], predictions, 4, 2, torch.device("cpu"))
+    store.close()
+    assert reranked[0, 0] == 2
+    assert sorted(reranked[0].tolist()) == [0, 1, 2, 3]
+    assert scores[0, 0] > 3 * scores[0, 1:].max()
+    assert (np.diff(scores[0]) <= 0).all()

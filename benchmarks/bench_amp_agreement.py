@@ -1,0 +1,88 @@
+"""Does `--amp` change the re-ranking? Top-1 after re-ranking in fp32 vs amp on the synthetic test split.
+
+    python benchmarks/bench_amp_agreement.py [--datasets_folder datasets_vg/datasets --dataset_name synthetic]
+
+The world is generated first if missing (synthetic.py defaults). Models: the features extractor and DHE head with
+seeded random weights, the head's output bias spread over the image corners (so that it predicts well-posed
+homographies, as a trained head does). The global stage is computed once; the top `--num_reranked_preds` of every
+query are re-ranked twice, in fp32 and with the head under bf16 autocast, through `util.rerank_predictions` as
+`eval.py` runs it. Prints the share of queries whose top-1 is the same, the mean score change and both timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import synthetic  # noqa: E402
+import util  # noqa: E402
+from datasets_ws import BaseDataset  # noqa: E402
+from model import FeaturesExtractor, HomographyRegression  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets_folder", default="datasets_vg/datasets", help="Where the synthetic world is.")
+    parser.add_argument("--dataset_name", default="synthetic", help="World folder name (generated if missing).")
+    parser.add_argument("--resize", type=int, nargs=2, default=[384, 384], help="H W.")
+    parser.add_argument("--num_reranked_preds", type=int, default=32, help="Candidates re-ranked per query.")
+    parser.add_argument("--max_queries", type=int, default=None, help="Only the first N test queries.")
+    parser.add_argument("--infer_batch_size", type=int, default=32, help="Pairs per pass of the head.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    args = parser.parse_args()
+    world = Path(args.datasets_folder) / args.dataset_name
+    if not world.exists():
+        synthetic.generate_world(args.datasets_folder, args.dataset_name)
+    resize = tuple(args.resize)
+    dataset_args = SimpleNamespace(resize=resize, test_method="hard_resize", val_positive_dist_threshold=25)
+    dataset = BaseDataset(dataset_args, args.datasets_folder, args.dataset_name, "test")
+    device = torch.device("cpu")
+
+    torch.manual_seed(args.seed)
+    features_extractor = FeaturesExtractor(resize=resize).eval()
+    head = HomographyRegression(resize=resize).eval()
+    with torch.no_grad():
+        height, width = resize
+        corners = torch.tensor([[8, 8], [width - 8, 8], [8, height - 8], [width - 8, height - 8]], dtype=torch.float)
+        head.linear.bias.copy_(torch.cat([corners, corners]).flatten())
+        head.linear.weight.mul_(0.1)
+
+    num_queries = dataset.queries_num if args.max_queries is None else min(args.max_queries, dataset.queries_num)
+    query_indexes = list(range(dataset.database_num, dataset.database_num + num_queries))
+    with tempfile.TemporaryDirectory() as temporary:
+        store = util.LocalFeatureStore(
+            Path(temporary) / "local.f16", len(dataset.images_paths), (384, *features_extractor.grid_size)
+        )
+        images = dataset.hard_resized_images(list(range(dataset.database_num)) + query_indexes)
+        descriptors = util.extract_features(features_extractor, images, device, args.infer_batch_size, 0, store)
+        _, predictions = util.search(descriptors[: dataset.database_num], descriptors[dataset.database_num :], 32)
+        results = {}
+        for amp in (False, True):
+            start = time.perf_counter()
+            results[amp] = util.rerank_predictions(
+                head, store, query_indexes, predictions, args.num_reranked_preds, args.infer_batch_size, device, amp
+            )
+            elapsed = time.perf_counter() - start
+            pairs = num_queries * min(args.num_reranked_preds, predictions.shape[1])
+            print(
+                f"{'amp (bf16)' if amp else 'fp32':>10}: {elapsed:6.1f} s, {pairs / elapsed:5.2f} pairs/s", flush=True
+            )
+        store.close()
+    (fp32_predictions, fp32_scores), (amp_predictions, amp_scores) = results[False], results[True]
+    same_top1 = np.mean(fp32_predictions[:, 0] == amp_predictions[:, 0])
+    print(f"{dataset} at {resize}: {num_queries} queries x {args.num_reranked_preds} candidates")
+    print(f"top-1 after re-ranking identical in fp32 and amp: {same_top1:.1%} of queries (target >= 98%)")
+    print(f"mean |score change| of the top candidates: {np.abs(np.sort(fp32_scores) - np.sort(amp_scores)).mean():.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Tests of model.homography: keypoints, DLT, mutual matches, inlier scores, REI loss and the batched RANSAC."""
+
+from __future__ import annotations
+
+import math
+
+import kornia
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import normalise_uint8, reference_features_extractor, reference_homography_regression
+
+from model import HomographyRegression, compute_similarity
+from model.homography import _ransac_num_iters as ransac_num_iters
+from model.homography import (
+    find_homography_ransac,
+    inlier_scores,
+    keypoints,
+    matched_keypoints,
+    mutual_nearest_neighbours,
+    points_to_homography,
+    rei_loss,
+    rerank_scores,
+)
+
+CORNERS = torch.tensor([[8.0, 8.0], [376.0, 8.0], [8.0, 376.0], [376.0, 376.0]])
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def translation(dx: float, dy: float) -> torch.Tensor:
+    return torch.tensor([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def apply(H: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    return kornia.geometry.transform_points(H, points)
+
+
+# --- keypoints -------------------------------------------------------------------------------------------------------
+
+
+def test_keypoints_default_grid():
+    kps = keypoints((24, 24))
+    assert kps.shape == (576, 2) and kps.dtype == torch.float32
+    assert kps[0].tolist() == [8, 8]
+    assert kps[1].tolist() == [24, 8]  # along a row first: index = row * w + col
+    assert kps[24].tolist() == [8, 24]
+    assert kps[-1].tolist() == [376, 376]
+    assert kps[5 * 24 + 7].tolist() == [8 + 7 * 16, 8 + 5 * 16]
+
+
+@pytest.mark.parametrize(("grid_hw", "image_hw"), [((12, 20), None), ((24, 24), (500, 333)), ((1, 3), (16, 50))])
+def test_keypoints_follow_numpy_int_linspace(grid_hw, image_hw):
+    h, w = grid_hw
+    H, W = image_hw if image_hw is not None else (h * 16, w * 16)
+    xs = np.linspace(8, W - 8, w, dtype=int)
+    ys = np.linspace(8, H - 8, h, dtype=int)
+    expected = np.stack([np.tile(xs, h), np.repeat(ys, w)], axis=1)
+    kps = keypoints(grid_hw, image_hw, dtype=torch.float64)
+    assert kps.dtype == torch.float64
+    np.testing.assert_array_equal(kps.numpy(), expected)
+
+
+# --- points_to_homography --------------------------------------------------------------------------------------------
+
+
+def test_points_to_homography_recovers_known_homographies():
+    H_true = torch.stack(
+        [
+            torch.tensor([[1.05, 0.03, -12.0], [-0.02, 1.0, 8.0], [1e-5, 2e-5, 1.0]]),
+            translation(20.0, -6.0),
+            torch.tensor([[0.9, -0.1, 30.0], [0.05, 1.1, -4.0], [-1e-4, 5e-5, 1.0]]),
+        ]
+    )
+    query = CORNERS.expand(3, -1, -1)
+    points = torch.cat([query, apply(H_true, query)], dim=1)
+    H = points_to_homography(points)
+    assert H.shape == (3, 3, 3)
+    torch.testing.assert_close(H, H_true, rtol=1e-4, atol=1e-4)
+    # Equal weights, whatever their scale, give the same DLT.
+    torch.testing.assert_close(points_to_homography(points, torch.full((3, 4), 0.3)), H_true, rtol=1e-4, atol=1e-4)
+    # One pair alone gives the same as in the batch.
+    torch.testing.assert_close(points_to_homography(points[1:2]), H[1:2])
+
+
+def test_points_to_homography_weights_and_shapes():
+    """Four correspondences fit exactly: their weights only scale the equations and leave the homography as is."""
+    points = torch.cat([CORNERS, CORNERS + torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, -3.0], [2.0, 2.0]])])[None]
+    weighted = points_to_homography(points, torch.tensor([[1.0, 1.0, 1.0, 5.0]]))
+    torch.testing.assert_close(weighted, points_to_homography(points), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\(B, 8, 2\)"):
+        points_to_homography(points[:, :6])
+    with pytest.raises(ValueError, match="weights"):
+        points_to_homography(points, torch.ones(1, 3))
+
+
+# --- mutual nearest neighbours ---------------------------------------------------------------------------------------
+
+
+def one_hot_maps(channels: list[int], num_channels: int = 4, grid_hw: tuple[int, int] = (2, 2)) -> torch.Tensor:
+    """(1, C, h, w) features whose position i is the one-hot vector of channels[i]."""
+    return F.one_hot(torch.tensor(channels), num_channels).float().T.reshape(1, num_channels, *grid_hw)
+
+
+def test_mutual_nearest_neighbours_on_known_maps():
+    query = one_hot_maps([0, 1, 2, 3])
+    cand_idx, valid = mutual_nearest_neighbours(query, one_hot_maps([2, 0, 3, 1]))
+    assert cand_idx.tolist() == [[1, 3, 0, 2]] and valid.all()
+    # Candidate positions 2 and 3 both hold channel 2: query 2 takes the first; nobody holds channel 3, so query 3
+    # falls on candidate 0 (all ties, first index), whose best query is 0: not mutual.
+    cand_idx, valid = mutual_nearest_neighbours(query, one_hot_maps([0, 1, 2, 2]))
+    assert cand_idx.tolist() == [[0, 1, 2, 0]]
+    assert valid.tolist() == [[True, True, True, False]]
+
+
+def test_mutual_nearest_neighbours_broadcasts_one_query():
+    generator = seeded()
+    query = F.normalize(torch.randn(1, 8, 3, 4, generator=generator), dim=1)
+    candidates = F.normalize(torch.randn(5, 8, 3, 4, generator=generator), dim=1)
+    broadcast = mutual_nearest_neighbours(query, candidates)
+    expanded = mutual_nearest_neighbours(query.expand(5, -1, -1, -1), candidates)
+    for a, b in zip(broadcast, expanded):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="batch"):
+        mutual_nearest_neighbours(query.expand(2, -1, -1, -1), candidates)
+
+
+# --- the parity reference --------------------------------------------------------------------------------------------
+# The reference's features are stored in fp16, and for these deterministic weights 505 of the 576 query positions
+# have their two best candidates within 1e-3 of each other: fp16 rounding moves a few mutual matches, and the
+# scores by about 1.5% (392 for 386, 286 for 290). The features recomputed in fp32 by the model reproduce them
+# exactly (test_parity_with_fp32_features).
+
+
+@pytest.fixture(scope="module")
+def reference_features(reference) -> torch.Tensor:
+    return reference["local_features_fp16"].float()
+
+
+@pytest.fixture(scope="module")
+def dhe_homographies(reference) -> torch.Tensor:
+    points = reference["dhe_points_img0_vs_img123"]
+    return points_to_homography(points, torch.ones(points.shape[0], 4))
+
+
+def test_scores_reproduce_reference(reference, reference_features, dhe_homographies):
+    query, candidates = reference_features[:1], reference_features[1:]
+    scores = inlier_scores(query, candidates, dhe_homographies)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, reference["score_dhe_img0_vs_img123"], rtol=0.02, atol=0)
+    assert scores[2] == 0  # img3 is unrelated
+    scores_gt = inlier_scores(query, candidates[:2], reference["H_base_to_img1_img2"])
+    torch.testing.assert_close(scores_gt, reference["score_gt_H_img0_vs_img12"], rtol=0.02, atol=0)
+
+
+def test_rei_reproduces_reference(reference, reference_features, dhe_homographies):
+    query, candidates = reference_features[:1], reference_features[1:3]
+    rei_gt = rei_loss(query, candidates, reference["H_base_to_img1_img2"], generator=seeded())
+    expected_gt = torch.stack([reference["rei_gt_H_img0_vs_img1"], reference["rei_gt_H_img0_vs_img2"]])
+    torch.testing.assert_close(rei_gt, expected_gt, rtol=0.05, atol=0)
+    rei_dhe = rei_loss(query, candidates, dhe_homographies[:2], generator=seeded())
+    torch.testing.assert_close(rei_dhe, reference["rei_dhe_img0_vs_img123_unit_weights"][:2], rtol=0.05, atol=0)
+
+
+def test_parity_with_fp32_features(reference, dhe_homographies):
+    """Exact scores, and REI to 1%, from the features the model computes in fp32 (as the reference did).
+
+    The REI of the unrelated img3 is left out: its k comes from RANSAC on 8 random matches, which gives 0 or 5
+    inliers by the luck of the draw (OpenCV 4.14 gives 0 on these matches, the reference 1).
+    """
+    with torch.inference_mode():
+        _, local = reference_features_extractor()(normalise_uint8(reference["images_uint8"]))
+    query, candidates = local[:1], local[1:]
+    assert torch.equal(inlier_scores(query, candidates, dhe_homographies), reference["score_dhe_img0_vs_img123"])
+    scores_gt = inlier_scores(query, candidates[:2], reference["H_base_to_img1_img2"])
+    assert torch.equal(scores_gt, reference["score_gt_H_img0_vs_img12"])
+    rei_gt = rei_loss(query, candidates[:2], reference["H_base_to_img1_img2"], generator=seeded())
+    expected_gt = torch.stack([reference["rei_gt_H_img0_vs_img1"], reference["rei_gt_H_img0_vs_img2"]])
+    torch.testing.assert_close(rei_gt, expected_gt, rtol=0.01, atol=0)
+    rei_dhe = rei_loss(query, candidates[:2], dhe_homographies[:2], generator=seeded())
+    torch.testing.assert_close(rei_dhe, reference["rei_dhe_img0_vs_img123_unit_weights"][:2], rtol=0.01, atol=0)
+    # End to end: correlation -> head -> DLT -> score.
+    scores = rerank_scores(reference_homography_regression(), local[0], local[1:], batch_size=2)
+    assert torch.equal(scores, reference["score_dhe_img0_vs_img123"])
+
+
+def test_true_homography_beats_a_wrong_one(reference, reference_features):
+    query, candidate = reference_features[:1], reference_features[1:2]
+    H_true = reference["H_base_to_img1_img2"][:1]
+    H_wrong = (translation(64.0, 0.0) @ H_true[0])[None]
+    assert inlier_scores(query, candidate, H_true) > inlier_scores(query, candidate, H_wrong) + 100
+    rei_true = rei_loss(query, candidate, H_true, generator=seeded())
+    assert rei_true < rei_loss(query, candidate, H_wrong, generator=seeded())
+
+
+# --- batching, edge cases, dtypes, gradients -------------------------------------------------------------------------
+
+
+def test_batch_gives_the_same_as_pairs_one_by_one(reference, reference_features, dhe_homographies):
+    query, candidates = reference_features[:1], reference_features[1:]
+    scores = inlier_scores(query, candidates, dhe_homographies)
+    # RANSAC draws differ between the batch and the single pairs; on these large match sets k does not depend on them.
+    losses = rei_loss(query, candidates[:2], dhe_homographies[:2], generator=seeded())
+    for i in range(3):
+        assert inlier_scores(query, candidates[i : i + 1], dhe_homographies[i : i + 1]) == scores[i]
+    for i in range(2):
+        single = rei_loss(query, candidates[i : i + 1], dhe_homographies[i : i + 1], generator=seeded(i + 1))
+        torch.testing.assert_close(single, losses[i : i + 1])
+    expanded = inlier_scores(query.expand(3, -1, -1, -1), candidates, dhe_homographies)
+    assert torch.equal(expanded, scores)
+
+
+def test_fewer_than_four_matches_give_zero():
+    query = one_hot_maps([0, 1, 2, 3])
+    identity = torch.eye(3)[None]
+    three = one_hot_maps([0, 1, 2, 2])  # three mutual matches (see test_mutual_nearest_neighbours_on_known_maps)
+    assert inlier_scores(query, three, identity).item() == 0
+    assert rei_loss(query, three, identity, generator=seeded()).item() == 0
+    four = one_hot_maps([0, 1, 2, 3])
+    assert inlier_scores(query, four, identity).item() == 4
+    # Four exact matches: k = 4 (fitted directly, as OpenCV), all distances 0 under the identity.
+    assert rei_loss(query, four, identity, generator=seeded()).item() == 0
+    assert rei_loss(query, four, translation(3.0, 4.0)[None], generator=seeded()).item() == pytest.approx(5.0)
+
+
+def test_dtypes_and_devices_follow_the_inputs(reference_features, dhe_homographies):
+    query, candidates = reference_features[:1].double(), reference_features[1:].double()
+    H = dhe_homographies.double()
+    assert inlier_scores(query, candidates, H).dtype == torch.float64
+    assert rei_loss(query, candidates, H, generator=seeded()).dtype == torch.float64
+    assert matched_keypoints(query, candidates)[1].device == candidates.device
+    # Under autocast the matching and the counts stay in float32: the same scores.
+    scores = inlier_scores(query.float(), candidates.float(), H.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores_amp = inlier_scores(query.float(), candidates.float(), H.bfloat16())
+    assert scores_amp.dtype == torch.float32
+    assert (scores_amp - scores).abs().max() <= 2  # H rounded to bfloat16 moves points near the threshold
+
+
+def test_shapes_are_checked(reference_features, dhe_homographies):
+    with pytest.raises(ValueError, match=r"\(3, 3, 3\)"):
+        inlier_scores(reference_features[:1], reference_features[1:], dhe_homographies[:2])
+    with pytest.raises(ValueError, match="differ"):
+        inlier_scores(reference_features[:1, :8], reference_features[1:], dhe_homographies)
+
+
+def test_gradient_flows_to_H_and_to_the_points(reference, reference_features):
+    points = reference["dhe_points_img0_vs_img123"][:2].clone().requires_grad_(True)
+    H = points_to_homography(points)
+    H.retain_grad()
+    loss = rei_loss(reference_features[:1], reference_features[1:3], H, generator=seeded())
+    loss.sum().backward()
+    assert torch.isfinite(H.grad).all() and H.grad.abs().sum() > 0
+    assert torch.isfinite(points.grad).all() and points.grad.abs().sum() > 0
+
+
+def test_gradient_is_finite_at_zero_distance():
+    query = one_hot_maps([0, 1, 2, 3])
+    H = torch.eye(3)[None].requires_grad_(True)
+    loss = rei_loss(query, query, H, generator=seeded())
+    loss.sum().backward()
+    assert loss.item() == 0 and torch.isfinite(H.grad).all()
+
+
+def test_rerank_scores_batches_queries_and_chunks():
+    torch.manual_seed(0)
+    head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval()
+    with torch.no_grad():  # spread the predicted corners over the 64x64 image
+        head.linear.weight.mul_(0.01)
+        head.linear.bias.copy_(torch.tensor([8, 8, 56, 8, 8, 56, 56, 56, 9, 7, 55, 9, 7, 57, 57, 55.0]))
+    generator = seeded()
+    local_q = F.normalize(torch.randn(2, 8, 4, 4, generator=generator), dim=1)
+    local_candidates = F.normalize(local_q[:, None] + 0.5 * torch.randn(2, 5, 8, 4, 4, generator=generator), dim=2)
+    scores = rerank_scores(head, local_q, local_candidates, batch_size=3)
+    assert scores.shape == (2, 5) and scores.dtype == torch.float32 and scores.sum() > 0
+    assert torch.equal(rerank_scores(head, local_q, local_candidates, batch_size=100), scores)
+    assert torch.equal(rerank_scores(head, local_q[1], local_candidates[1], batch_size=1), scores[1])
+    with torch.no_grad():
+        queries = local_q[:1].expand(5, -1, -1, -1)
+        H = points_to_homography(head(compute_similarity(queries, local_candidates[0])))
+        assert torch.equal(inlier_scores(queries, local_candidates[0], H), scores[0])
+    amp_scores = rerank_scores(head, local_q, local_candidates, batch_size=4, amp=True)
+    assert amp_scores.dtype == torch.float32
+    # Without amp=True the head runs in the caller's autocast state (eval.py's --amp sets it around the call).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rerank_scores(head, local_q, local_candidates, batch_size=4), amp_scores)
+    with pytest.raises(ValueError, match="expected"):
+        rerank_scores(head, local_q, local_candidates[0])
+
+
+# --- the batched RANSAC ----------------------------------------------------------------------------------------------
+
+
+def random_matches(H: torch.Tensor, num: int, num_outliers: int, generator: torch.Generator):
+    """Grid keypoints mapped by H, the first num_outliers of them replaced by random points."""
+    src = keypoints((24, 24))[torch.randperm(576, generator=generator)[:num]]
+    dst = apply(H[None], src[None])[0]
+    dst[:num_outliers] = torch.rand(num_outliers, 2, generator=generator) * 384
+    return src, dst
+
+
+def test_ransac_finds_the_inliers_of_pairs_of_different_sizes():
+    generator = seeded()
+    H_true = [torch.tensor([[1.05, 0.03, -12.0], [-0.02, 1.0, 8.0], [1e-5, 2e-5, 1.0]]), translation(20.0, -6.0)]
+    sets = [random_matches(H_true[0], 200, 80, generator), random_matches(H_true[1], 30, 10, generator)]
+    src, dst = torch.zeros(3, 200, 2), torch.zeros(3, 200, 2)
+    valid = torch.zeros(3, 200, dtype=torch.bool)
+    for i, (s, d) in enumerate(sets):
+        src[i, : len(s)], dst[i, : len(d)], valid[i, : len(s)] = s, d, True
+    valid[2, :3] = True  # three points: no model
+    H, inliers, found = find_homography_ransac(src, dst, valid, threshold=2.0, generator=seeded())
+    assert found.tolist() == [True, True, False]
+    torch.testing.assert_close(H[0], H_true[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(H[1], H_true[1], rtol=1e-3, atol=1e-3)
+    assert torch.isnan(H[2]).all() and not inliers[2].any()
+    for i, (s, _) in enumerate(sets):
+        outliers = (apply(H_true[i][None], s[None])[0] - dst[i, : len(s)]).norm(dim=1) > 2.0
+        assert torch.equal(inliers[i, : len(s)], ~outliers)
+    assert not inliers[:, 200:].any() and not (inliers[1, 30:]).any()
+    # Reproducible with the same seed.
+    again = find_homography_ransac(src, dst, valid, threshold=2.0, generator=seeded())
+    assert torch.equal(again[1], inliers)
+
+
+def test_ransac_num_iters_follows_opencv():
+    best = torch.tensor([2, 50, 100, 80])
+    num_valid = torch.tensor([100, 100, 100, 100])
+    # round(log(0.005) / log(1 - 0.5 ** 4)) = 82, ... 0.8 ... = 10; all inliers: 0; no model yet: max_iters.
+    assert ransac_num_iters(best, num_valid, 0.995, 2000).tolist() == [2000, 82, 0, 10]
+    assert ransac_num_iters(torch.tensor([10]), torch.tensor([100]), 0.995, 2000).tolist() == [2000]
+
+
+# --- a constructed case: a texture, warped copies and distractors ----------------------------------------------------
+
+
+def smooth_texture(size: int, generator: torch.Generator) -> torch.Tensor:
+    """(1, 3, size, size) sum of bicubically upsampled noise at several scales."""
+    octaves = [(6, 1.0), (12, 0.7), (24, 0.5), (48, 0.3)]
+    return sum(
+        amplitude * F.interpolate(torch.rand(1, 3, res, res, generator=generator), size=(size, size), mode="bicubic")
+        for res, amplitude in octaves
+    )
+
+
+def patch_descriptors(images: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 48, H/16, W/16): each 16x16 patch as 4x4 average colours, centred and L2-normalised."""
+    cells = F.avg_pool2d(images, patch_size // 4)
+    b, c, h, w = cells.shape
+    cells = cells.view(b, c, h // 4, 4, w // 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 16, h // 4, w // 4)
+    return F.normalize(cells - cells.mean(dim=1, keepdim=True), dim=1)
+
+
+def test_constructed_case_ranks_the_warped_copies_first():
+    generator = seeded()
+    size = 192
+    query = smooth_texture(size, generator)
+    corners = torch.tensor([[[0.0, 0.0], [size, 0.0], [0.0, size], [size, size]]])
+    moves = [
+        torch.tensor([[[6.0, -4.0], [-8.0, 5.0], [4.0, 7.0], [-5.0, -6.0]]]),
+        torch.tensor([[[-10.0, 8.0], [5.0, 10.0], [-6.0, -9.0], [8.0, 4.0]]]),
+    ]
+    H_true = torch.cat([kornia.geometry.transform.get_perspective_transform(corners, corners + m) for m in moves])
+    warped = kornia.geometry.transform.warp_perspective(
+        query.expand(2, -1, -1, -1), H_true, (size, size), padding_mode="reflection"
+    )
+    distractors = torch.cat([smooth_texture(size, generator) for _ in range(3)])
+    features = patch_descriptors(torch.cat([query, warped, distractors]))
+    assert features.shape == (6, 48, 12, 12)
+    query_features, candidates = features[:1], features[1:]
+    # The true homography of each warped copy, and the first one for the distractors.
+    H = torch.cat([H_true, H_true[:1].expand(3, -1, -1)])
+    scores = inlier_scores(query_features, candidates, H)
+    assert scores[:2].min() > 3 * scores[2:].max()
+    num_matches = mutual_nearest_neighbours(query_features, candidates)[1].sum(dim=1)
+    assert (scores[:2] >= 0.75 * num_matches[:2]).all()  # most mutual matches of a copy are inliers
+    wrong = translation(64.0, 0.0).expand(5, -1, -1)
+    assert (inlier_scores(query_features, candidates, wrong)[:2] < scores[:2] / 3).all()
+    losses = rei_loss(query_features, candidates, H, generator=seeded())
+    assert losses[:2].max() < 8.0 < losses[2:].min()  # within half a patch for the copies only
+    assert math.isfinite(losses.sum().item())
