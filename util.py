@@ -244,16 +244,22 @@ def rerank_predictions(
     homography_regression.eval()
     reranked = predictions.copy()
     all_scores = np.zeros((len(query_indexes), num_reranked), dtype=np.float64)
-    with torch.inference_mode():
-        for row, query_index in enumerate(tqdm(query_indexes, desc="re-ranking", ncols=100, leave=False)):
-            candidates = predictions[row, :num_reranked]
-            local_query = store.read([query_index]).to(device).float()[0]
-            local_candidates = store.read(candidates.tolist()).to(device).float()
-            scores = rerank_scores(homography_regression, local_query, local_candidates, batch_size, amp)
+    # Queries go in groups that fill a batch of pairs (one query when it has batch_size candidates or more), so
+    # that memory holds at most max(batch_size, num_reranked) candidate maps.
+    group = max(1, batch_size // num_reranked)
+    with torch.inference_mode(), tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar:
+        for start in range(0, len(query_indexes), group):
+            rows = slice(start, start + group)
+            candidates = predictions[rows, :num_reranked]  # (G, K)
+            local_queries = store.read(query_indexes[rows]).to(device).float()
+            local_candidates = store.read(candidates.ravel().tolist()).to(device).float()
+            local_candidates = local_candidates.view(*candidates.shape, *local_candidates.shape[1:])
+            scores = rerank_scores(homography_regression, local_queries, local_candidates, batch_size, amp)
             scores = scores.double().cpu().numpy()
-            order = scores.argsort()[::-1]
-            reranked[row, :num_reranked] = candidates[order]
-            all_scores[row] = scores[order]
+            order = scores.argsort(axis=1)[:, ::-1]
+            reranked[rows, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
+            all_scores[rows] = np.take_along_axis(scores, order, axis=1)
+            bar.update(len(candidates))
     return reranked, all_scores
 
 

@@ -116,3 +116,32 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
     assert sorted(reranked[0].tolist()) == [0, 1, 2, 3]
     assert scores[0, 0] > 3 * scores[0, 1:].max()
     assert (np.diff(scores[0]) <= 0).all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_reranking_groups_queries_and_orders_ties_as_the_original(tmp_path, batch_size):
+    from model import HomographyRegression
+    from model.homography import rerank_scores
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(9, 16, 4, 4, generator=generator), dim=1)
+    features[5] = features[6]  # two identical candidates: tied scores
+    store = util.LocalFeatureStore(tmp_path / "local.f16", 9, (16, 4, 4))
+    store.write(list(range(9)), features)
+    head = HomographyRegression(resize=(64, 64)).eval()
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.copy_(torch.tensor([8.0, 8, 56, 8, 8, 56, 56, 56] * 2))
+    predictions = np.array([[0, 1, 2, 5, 6], [6, 5, 4, 3, 2], [1, 0, 5, 6, 4]])
+    query_indexes = [7, 8, 5]
+    reranked, scores = util.rerank_predictions(
+        head, store, query_indexes, predictions, 4, batch_size, torch.device("cpu")
+    )
+    store.close()
+    for row, query in enumerate(query_indexes):
+        candidates = predictions[row, :4]
+        expected = rerank_scores(head, features[query].half().float(), features[candidates].half().float()).numpy()
+        order = expected.astype(np.float64).argsort()[::-1]  # the original's ordering, ties included
+        np.testing.assert_array_equal(reranked[row, :4], candidates[order])
+        np.testing.assert_array_equal(scores[row], expected[order])
+        assert reranked[row, 4] == predictions[row, 4]  # beyond the re-ranked head, the order is kept
