@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +21,7 @@ __all__ = [
     "make_deterministic",
     "resolve_device",
     "make_run_folder",
+    "remove_run_folder",
     "setup_logging",
     "close_logging",
     "log_run_header",
@@ -53,6 +56,14 @@ def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
     folder = Path(root) / exp_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder.mkdir(parents=True, exist_ok=False)
     return folder
+
+
+def remove_run_folder(folder: str | Path) -> None:
+    """Delete a failed run's folder, and its `<exp_name>` parent when nothing else is left in it."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 def setup_logging(output_folder: str | Path, console: str = "info") -> None:

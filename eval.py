@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Subset
 
 import commons
@@ -48,19 +49,27 @@ def query_descriptors(
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Run the evaluation; returns recalls before/after re-ranking, predictions and the run folder."""
+    """Run the evaluation; returns recalls before/after re-ranking, predictions and the run folder.
+
+    A run that fails (a bad folder, image or checkpoint, an interruption) leaves no run folder behind.
+    """
     commons.make_deterministic(args.seed)
     device = commons.resolve_device(args.device)
     output_folder = commons.make_run_folder(args.exp_name)
     try:
-        commons.setup_logging(output_folder)
-        commons.log_run_header(args, output_folder)
-        dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
-        features_extractor, homography_regression = commons.build_models(args, device)
+        return evaluate(args, device, output_folder)
     except BaseException:
         commons.close_logging()
-        shutil.rmtree(output_folder, ignore_errors=True)
+        commons.remove_run_folder(output_folder)
         raise
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path) -> dict:
+    """The body of `main`, logging to `output_folder`."""
+    commons.setup_logging(output_folder)
+    commons.log_run_header(args, output_folder)
+    dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
+    features_extractor, homography_regression = commons.build_models(args, device)
     logging.info(f"Test set: {dataset}")
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
 

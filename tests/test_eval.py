@@ -124,3 +124,16 @@ def test_eval_with_a_checkpoint_that_does_not_fit(tiny_world, tmp_path, monkeypa
     with pytest.raises(ValueError, match="DHE head checkpoint"):
         run_eval(tiny_world, "--resume_fe", str(tiny_world / "hr.torch"))
     assert not any((tmp_path / "logs").rglob("*.log"))
+
+
+def test_eval_with_a_corrupt_image_names_it_and_leaves_no_run_folder(tiny_world, tmp_path, monkeypatch):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    broken = next((world / "tiny" / "images" / "test" / "database").glob("*@d2@*"))
+    broken.write_bytes(b"\x89PNG not really")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=f"cannot read image {broken}"):
+        run_eval(world)
+    assert not any((tmp_path / "logs").rglob("*"))
