@@ -131,11 +131,15 @@ def open_rgb_image(path: str) -> Image.Image:
 
 
 def _normalized_tensor(image: Image.Image, resize: Sequence[int] | int | None = None) -> Tensor:
-    """(3, H, W) ImageNet-normalised tensor; `resize` as in `TF.resize` (a (H, W) pair, or the shorter side)."""
+    """(3, H, W) ImageNet-normalised tensor; `resize` as in `TF.resize` (a (H, W) pair, or the shorter side).
+
+    The resize is bilinear without antialiasing, as the original's evaluation did (torchvision 0.9 resized tensors
+    so), so that the same weights give the same descriptors.
+    """
     tensor = TF.to_tensor(image)
     if resize is not None:
         size = [resize] if isinstance(resize, int) else list(resize)
-        tensor = TF.resize(tensor, size, antialias=True)
+        tensor = TF.resize(tensor, size, antialias=False)
     return _normalize(tensor)
 
 

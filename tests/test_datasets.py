@@ -394,3 +394,20 @@ def test_query_test_methods(toy: Path):
         assert dataset.hard_resized(query).shape == (3, 32, 48)
     images = dataset.hard_resized_images([0, query])
     assert len(images) == 2 and images[1][1] == query and images[1][0].shape == (3, 32, 48)
+
+
+def test_hard_resize_is_the_originals_bilinear_resize_without_antialiasing(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    split = tmp_path / "toy" / "images" / "test"
+    for folder in ("database", "queries"):
+        (split / folder).mkdir(parents=True)
+        Image.fromarray(pixels).save(split / folder / utm_name(0, 0, extension=".png"))
+    args = make_args(tmp_path, "--resize", "32", "48")
+    dataset = datasets_ws.BaseDataset(args, str(tmp_path), "toy", "test")
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float().unsqueeze(0) / 255
+    expected = torch.nn.functional.interpolate(image, size=(32, 48), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(datasets_ws.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(datasets_ws.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(dataset.hard_resized(0), (expected - mean) / std)
+    torch.testing.assert_close(dataset[1][0], (expected - mean) / std)  # the query, test_method hard_resize
