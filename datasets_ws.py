@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from commons import resolve_device
+from model.dhe import PATCH_SIZE
 from util import extract_features
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def query_test_transform(image: Image.Image, test_method: str, resize: tuple[int
     """A query prepared for global retrieval as the benchmark did, for each `test_method`.
 
     Returns (3, H, W) for hard_resize and central_crop (the largest central crop of ratio H:W, resized);
-    (3, s, s * w / h) for single_query (shorter side resized to s = min(resize), ratio kept);
+    (3, s, ~s * w / h) for single_query (shorter side resized to s = min(resize), ratio kept, the longer side
+    centre-cropped down to a multiple of 16 for the CCT);
     (5, 3, s, s) for five_crops, nearest_crop and maj_voting (five square crops of the image whose shorter side
     was resized to s).
     """
@@ -156,7 +158,10 @@ def query_test_transform(image: Image.Image, test_method: str, resize: tuple[int
     if test_method == "hard_resize":
         return _normalized_tensor(image, resize)
     if test_method == "single_query":
-        return _normalized_tensor(image, shorter_side)
+        tensor = _normalized_tensor(image, shorter_side)
+        # the CCT tokenizer needs sides that are multiples of its stride: trim the few extra pixels, centred
+        trimmed = [size - size % PATCH_SIZE for size in tensor.shape[-2:]]
+        return TF.center_crop(tensor, trimmed)
     if test_method == "central_crop":
         scale = max(height / image.height, width / image.width)
         scaled_size = (max(height, round(image.height * scale)), max(width, round(image.width * scale)))

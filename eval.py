@@ -22,12 +22,17 @@ import commons
 import parser
 import util
 from datasets_ws import BaseDataset
+from model import FeaturesExtractor
 
 NUM_CROPS = 5  # five_crops, nearest_crop and maj_voting describe each query by five square crops
 
 
 def query_descriptors(
-    args: argparse.Namespace, features_extractor, dataset: BaseDataset, store: util.LocalFeatureStore, device
+    args: argparse.Namespace,
+    features_extractor: FeaturesExtractor,
+    dataset: BaseDataset,
+    store: util.LocalFeatureStore,
+    device: torch.device,
 ) -> np.ndarray:
     """Global descriptors of the queries per `--test_method` ((Q, D), or (Q * 5, D) for nearest_crop and
     maj_voting); the hard-resized queries' local features go to `store` in every case."""

@@ -11,9 +11,10 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from model.dhe import PATCH_SIZE
+
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 MINING_METHODS = ("partial", "full", "random", "msls_weighted")
-PATCH_SIZE = 16  # the CCT tokenizer's two stride-2 convolutions and two stride-2 poolings
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

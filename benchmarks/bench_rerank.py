@@ -33,9 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
+from model.dhe import PATCH_SIZE  # noqa: E402
 from model.homography import inlier_scores, points_to_homography, rerank_scores  # noqa: E402
 
-PATCH_SIZE = 16
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 __all__ = ["HomographyRegression", "compute_similarity", "attention_heads"]
 
 PATCH_SIZE = 16
+"""Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
 
 
 def compute_similarity(features_a: Tensor, features_b: Tensor) -> Tensor:

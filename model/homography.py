@@ -21,10 +21,8 @@ import torch
 from kornia.geometry.homography import find_homography_dlt
 from torch import Tensor, nn
 
-from model.dhe import compute_similarity
+from model.dhe import PATCH_SIZE, compute_similarity
 
-PATCH_SIZE = 16
-"""Pixels per token of the CCT backbone: the stride between two keypoints."""
 SCORE_THRESHOLD = 3.0 * PATCH_SIZE
 """The test-time inlier radius of the original: 3 patches, 48 px."""
 RANSAC_THRESHOLD = 1.5 * PATCH_SIZE

@@ -385,7 +385,8 @@ def test_image_modes_become_rgb(tmp_path: Path):
 def test_query_test_methods(toy: Path):
     dataset = datasets_ws.BaseDataset(make_args(toy, "--resize", "32", "48"), str(toy), "toy", "train")
     query = dataset.database_num  # images are 12 x 16 (H x W)
-    expected = {"hard_resize": (3, 32, 48), "central_crop": (3, 32, 48), "single_query": (3, 32, 42)}
+    # single_query: 32 x 42 with the ratio kept, the longer side trimmed to a multiple of 16
+    expected = {"hard_resize": (3, 32, 48), "central_crop": (3, 32, 48), "single_query": (3, 32, 32)}
     expected |= {method: (5, 3, 32, 32) for method in ("five_crops", "nearest_crop", "maj_voting")}
     for method, shape in expected.items():
         dataset.test_method = method
