@@ -25,7 +25,6 @@ import math
 import os
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 import torchvision.transforms as T
@@ -37,7 +36,7 @@ from torch.utils.data import Dataset
 
 from commons import resolve_device
 from model.dhe import PATCH_SIZE
-from util import extract_features
+from util import extract_features, search
 
 logger = logging.getLogger(__name__)
 
@@ -577,12 +576,10 @@ class QueryPositivePairs(Dataset):
         args: argparse.Namespace, dataset: BaseDataset, model: nn.Module
     ) -> tuple[list[tuple[int, int]], list[float]]:
         descriptors = _global_descriptors(args, model, dataset.hard_resized_images())
-        database_descriptors = np.ascontiguousarray(descriptors[: dataset.database_num])
-        queries_descriptors = np.ascontiguousarray(descriptors[dataset.database_num :])
-        index = faiss.IndexFlatL2(descriptors.shape[1])
-        index.add(database_descriptors)
-        squared_distances, predictions = index.search(
-            queries_descriptors, min(QP_NUM_PREDICTIONS, dataset.database_num)
+        squared_distances, predictions = search(
+            descriptors[: dataset.database_num],
+            descriptors[dataset.database_num :],
+            min(QP_NUM_PREDICTIONS, dataset.database_num),
         )
         pairs, distances = [], []
         for query_index, soft_positives in enumerate(dataset.get_positives()):

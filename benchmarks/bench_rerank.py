@@ -32,12 +32,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import datasets_ws  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.dhe import PATCH_SIZE  # noqa: E402
 from model.homography import inlier_scores, points_to_homography, rerank_scores  # noqa: E402
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def smooth_textures(num: int, resize: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

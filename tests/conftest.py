@@ -14,10 +14,12 @@ sys.path.insert(0, str(DATA))
 
 from fill_weights import fill_  # noqa: E402
 
+import datasets_ws  # noqa: E402
+
 # The head's linear bias and weight scale used for parity_reference.pt (see tests/data/README.md).
 REFERENCE_LINEAR_BIAS = [8, 8, 376, 8, 8, 376, 376, 376, 20, 4, 370, 15, 2, 380, 366, 372]
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="session")
