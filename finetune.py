@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import commons
@@ -73,6 +73,40 @@ def metric_loss(criterion: str, descriptors: Tensor, triplets: Tensor, margin: f
             sare_loss(descriptors[rows[0, 0]], descriptors[rows[0, 1]], descriptors[rows[:, 2]]) for rows in grouped
         )
     raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def joint_losses(
+    features_extractor: nn.Module,
+    head: nn.Module,
+    images: Tensor,
+    triplets: Tensor,
+    args: argparse.Namespace,
+    negatives_num: int,
+) -> dict[str, Tensor]:
+    """Losses of a batch of B (query, positive, N negatives) groups, as the original.
+
+    Args:
+        images: (B * (2 + N), 3, H, W), each group's query first, then its positive.
+        triplets: (B * N, 3) rows (query, positive, negative) indexing `images`.
+        args: `criterion`, `margin`, `rei_weight`.
+    Returns:
+        {"loss": triplet + rei_weight * rei, "triplet_loss": metric loss sum / (B * N), "rei_loss": REI sum / B},
+        scalars. The models run in the caller's autocast state; correlation, DLT, matching and RANSAC in float32.
+    """
+    device = images.device
+    items = images.shape[0] // (2 + negatives_num)
+    descriptors, local_features = features_extractor(images)
+    metric = metric_loss(args.criterion, descriptors.float(), triplets, args.margin, negatives_num)
+    metric = metric / (items * negatives_num)
+    starts = torch.arange(items, device=device) * (2 + negatives_num)
+    local_query, local_positive = local_features[starts].float(), local_features[starts + 1].float()
+    with torch.autocast(device.type, enabled=False):
+        correlation = compute_similarity(local_query, local_positive)
+    points = head(correlation)
+    with torch.autocast(device.type, enabled=False):
+        H = points_to_homography(points.float(), dlt_weights(items, device))
+        rei = rei_loss(local_query, local_positive, H).sum() / items
+    return {"loss": metric + args.rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
 
 
 class Finetuning(training.Task):
@@ -161,20 +195,9 @@ class Finetuning(training.Task):
 
     def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         images, triplets = batch
-        negatives_num = self.dataset.negs_num_per_query
-        items = images.shape[0] // (2 + negatives_num)
-        descriptors, local_features = self.features_extractor(images)
-        metric = metric_loss(self.args.criterion, descriptors.float(), triplets, self.args.margin, negatives_num)
-        metric = metric / (items * negatives_num)
-        starts = torch.arange(items, device=images.device) * (2 + negatives_num)
-        local_query, local_positive = local_features[starts].float(), local_features[starts + 1].float()
-        with torch.autocast(self.device.type, enabled=False):
-            correlation = compute_similarity(local_query, local_positive)
-        points = self.head(correlation)
-        with torch.autocast(self.device.type, enabled=False):  # DLT, matching and RANSAC in float32
-            H = points_to_homography(points.float(), dlt_weights(items, self.device))
-            rei = rei_loss(local_query, local_positive, H).sum() / items
-        return {"loss": metric + self.args.rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
+        return joint_losses(
+            self.features_extractor, self.head, images, triplets, self.args, self.dataset.negs_num_per_query
+        )
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         save_state_dict(self.features_extractor, output_folder / f"features_extractor_{epoch:03d}.torch")

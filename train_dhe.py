@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import commons
@@ -50,6 +50,25 @@ def dlt_weights(batch_size: int, device: torch.device) -> Tensor:
     """(B, 4) random DLT weights drawn from torch's global CPU generator, as the original (they change H by rounding
     only, since the DLT of four points is exact)."""
     return (torch.rand(batch_size, 4) ** DLT_WEIGHT_EXPONENT).to(device)
+
+
+def head_loss(
+    features_extractor: nn.Module, head: nn.Module, query: Tensor, positive: Tensor, device: torch.device
+) -> Tensor:
+    """Mean REI loss of a batch of pairs: query and positive images (B, 3, H, W) -> () loss.
+
+    The backbone runs under no_grad (it is frozen here); the head runs in the caller's autocast state; the
+    correlation, DLT, matching and RANSAC in float32.
+    """
+    with torch.no_grad():
+        _, local_features = features_extractor(torch.cat([query, positive]))
+    local_query, local_positive = local_features.float().chunk(2)
+    with torch.autocast(device.type, enabled=False):
+        correlation = compute_similarity(local_query, local_positive)
+    points = head(correlation)
+    with torch.autocast(device.type, enabled=False):
+        H = points_to_homography(points.float(), dlt_weights(len(points), device))
+        return rei_loss(local_query, local_positive, H).mean()
 
 
 class DHEInitialisation(training.Task):
@@ -137,16 +156,7 @@ class DHEInitialisation(training.Task):
 
     def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         query, positive = batch
-        with torch.no_grad():
-            _, local_features = self.features_extractor(torch.cat([query, positive]))
-        local_query, local_positive = local_features.float().chunk(2)
-        with torch.autocast(self.device.type, enabled=False):
-            correlation = compute_similarity(local_query, local_positive)
-        points = self.head(correlation)  # under --amp's autocast
-        with torch.autocast(self.device.type, enabled=False):  # DLT, matching and RANSAC in float32
-            H = points_to_homography(points.float(), dlt_weights(len(points), self.device))
-            loss = rei_loss(local_query, local_positive, H).mean()
-        return {"loss": loss}
+        return {"loss": head_loss(self.features_extractor, self.head, query, positive, self.device)}
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         if epoch % SAVE_PERIOD == SAVE_PERIOD - 1 or epoch == self.num_epochs - 1:
