@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,25 @@ def test_two_processes_with_gloo(world, tmp_path, script, extra):
     assert json.loads((folder / "results.json").read_text())["baseline"]["R@1"] >= 0
     checkpoint = training.load_training_checkpoint(folder / "last_checkpoint.pth", script.removesuffix(".py"))
     assert len(checkpoint["rng"]) == 2  # each process's random streams
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(world, tmp_path):
+    command = [sys.executable, str(ROOT / "train_dhe.py"), *data(world), *DHE, "--n_epochs", "1000"]
+    command += ["--exp_name", "term"]
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(command, cwd=tmp_path, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("logs/term/*/last_checkpoint.pth")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "interrupted (received SIGTERM)" in stderr
+    (folder,) = (tmp_path / "logs" / "term").iterdir()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert training.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")["epoch"] >= 1
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
