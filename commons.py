@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "log_run_header",
     "library_versions",
     "build_models",
+    "install_signal_handlers",
 ]
 
 
@@ -156,3 +158,17 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.
             "WARNING: --resume_hr is not set, meaning that the DHE head is not initialised (random weights)!"
         )
     return features_extractor.to(device), homography_regression.to(device)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM (`timeout`, a cluster's scheduler) and SIGHUP (a closed terminal) into KeyboardInterrupt.
+
+    The scripts then stop as on Ctrl-C: files are written atomically, so only complete ones are left.
+    """
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_keyboard_interrupt)

@@ -31,17 +31,20 @@ def query_descriptors(
     args: argparse.Namespace,
     features_extractor: FeaturesExtractor,
     dataset: BaseDataset,
-    store: util.LocalFeatureStore,
+    store: util.LocalFeatureStore | None,
     device: torch.device,
 ) -> np.ndarray:
     """Global descriptors of the queries per `--test_method` ((Q, D), or (Q * 5, D) for nearest_crop and
-    maj_voting); the hard-resized queries' local features go to `store` in every case."""
+    maj_voting); the hard-resized queries' local features go to `store`, when given, in every case."""
     query_indexes = range(dataset.database_num, dataset.database_num + dataset.queries_num)
     hard_resized = dataset.hard_resized_images(query_indexes)
     batch_size, workers = args.infer_batch_size, args.num_workers
     if args.test_method == "hard_resize":
         return util.extract_features(features_extractor, hard_resized, device, batch_size, workers, store, "queries")
-    util.extract_features(features_extractor, hard_resized, device, batch_size, workers, store, "query local features")
+    if store is not None:
+        util.extract_features(
+            features_extractor, hard_resized, device, batch_size, workers, store, "query local features"
+        )
     dataset.test_method = args.test_method
     # single_query keeps each query's aspect ratio, so queries of different sizes cannot share a batch.
     query_batch_size = 1 if args.test_method == "single_query" else batch_size
@@ -75,13 +78,43 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
     commons.log_run_header(args, output_folder)
     dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
     features_extractor, homography_regression = commons.build_models(args, device)
-    logging.info(f"Test set: {dataset}")
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
+    result = test(args, dataset, features_extractor, homography_regression, device, output_folder)
+    util.save_results(
+        output_folder / "results.json",
+        args.recall_values,
+        result["baseline_recalls"],
+        result["reranked_recalls"],
+        split=dataset.split,
+        dataset=args.dataset_name,
+    )
+    return result
 
-    store = util.LocalFeatureStore(
-        output_folder / "local_features.f16",
-        len(dataset.images_paths),
-        (features_extractor.features_dim, *features_extractor.grid_size),
+
+def test(
+    args: argparse.Namespace,
+    dataset: BaseDataset,
+    features_extractor: FeaturesExtractor,
+    homography_regression: torch.nn.Module,
+    device: torch.device,
+    output_folder: Path,
+    rerank: bool = True,
+) -> dict:
+    """Recalls of `dataset` (any split) before and, when `rerank`, after re-ranking; the models end in eval mode.
+
+    Local features go to a temporary file in `output_folder` (only when re-ranking). Returns the dict of `main`
+    (reranked_recalls, reranked_predictions and rerank_scores are None without `rerank`).
+    """
+    logging.info(f"{dataset.split.capitalize()} set: {dataset}")
+
+    store = (
+        util.LocalFeatureStore(
+            output_folder / "local_features.f16",
+            len(dataset.images_paths),
+            (features_extractor.features_dim, *features_extractor.grid_size),
+        )
+        if rerank
+        else None
     )
     try:
         start = time.perf_counter()
@@ -109,7 +142,16 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         search_time = time.perf_counter() - start
         positives = dataset.get_positives()
         baseline = util.compute_recalls(predictions, positives, args.recall_values)
-        logging.info(f"baseline test: {util.recalls_to_str(baseline, args.recall_values)}")
+        logging.info(f"baseline {dataset.split}: {util.recalls_to_str(baseline, args.recall_values)}")
+        if not rerank:
+            return {
+                "baseline_recalls": baseline,
+                "reranked_recalls": None,
+                "predictions": predictions,
+                "reranked_predictions": None,
+                "rerank_scores": None,
+                "output_folder": output_folder,
+            }
 
         start = time.perf_counter()
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
@@ -125,9 +167,10 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         )
         rerank_time = time.perf_counter() - start
         after = util.compute_recalls(reranked, positives, args.recall_values)
-        logging.info(f"test after re-ranking - {util.recalls_to_str(after, args.recall_values)}")
+        logging.info(f"{dataset.split} after re-ranking - {util.recalls_to_str(after, args.recall_values)}")
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
     logging.info(
         f"Time: descriptors {descriptors_time:.1f} s, search {search_time:.2f} s, re-ranking {rerank_time:.1f} s "

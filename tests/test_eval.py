@@ -10,6 +10,7 @@ before and after re-ranking. q2 copies d0 but lies 5 km away: it has no positive
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,9 @@ def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monk
     assert "Time: descriptors" in info and "re-ranking" in info
     assert (folder / "debug.log").exists()
     assert not (folder / "local_features.f16").exists()  # the temporary store is gone
+    results = json.loads((folder / "results.json").read_text())
+    assert results["baseline"] == {"R@1": pytest.approx(200 / 3), "R@5": pytest.approx(200 / 3)}
+    assert results["reranked"] == results["baseline"] and results["split"] == "test"
 
     with open(folder / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
