@@ -152,6 +152,7 @@ def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
         "--num_preds_to_save",
         type=int,
         default=0,
+        metavar="N",
         help="Save a picture per query into preds/ in the run folder: the query, its top N predictions before and "
         "after re-ranking (framed green if correct, red if wrong, grey without labels; distance in metres, inlier "
         "score), and the matches and DHE homography of the top candidate after re-ranking. 0: none; at most "
