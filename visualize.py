@@ -28,6 +28,7 @@ from tqdm import tqdm
 from datasets_ws import BaseDataset, open_rgb_image
 from model.dhe import compute_similarity
 from model.homography import SCORE_THRESHOLD, matched_keypoints, points_to_homography, reprojection_distances
+from util import LocalFeatureStore
 
 __all__ = [
     "CORRECT_COLOUR",
@@ -42,7 +43,9 @@ __all__ = [
     "load_true_homographies",
     "resized_homography",
     "Layout",
+    "Candidate",
     "prediction_picture",
+    "picture_name",
     "save_prediction_pictures",
 ]
 
@@ -142,7 +145,7 @@ def match_geometry(
 
 def top_match_geometries(
     homography_regression: nn.Module,
-    store,
+    store: LocalFeatureStore,
     query_indexes: Sequence[int],
     candidate_indexes: Sequence[int],
     batch_size: int,
