@@ -250,7 +250,10 @@ class BaseDataset(Dataset):
 
     Attributes: database_paths, queries_paths, images_paths (database then queries), database_num, queries_num,
     database_utms (database_num, 2), queries_utms (queries_num, 2), soft_positives_per_query (for each query the
-    database indexes within `args.val_positive_dist_threshold` metres, nearest first).
+    database indexes within `args.val_positive_dist_threshold` metres, nearest first), labelled.
+
+    With `args.no_labels` (eval.py --no_labels) file names need not carry a position: `labelled` is False and
+    database_utms, queries_utms and soft_positives_per_query are None. Otherwise every name must parse.
     """
 
     def __init__(
@@ -274,23 +277,30 @@ class BaseDataset(Dataset):
 
         self.database_paths = _list_images(database_folder)
         self.queries_paths = _list_images(queries_folder)
-        self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
-        self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
         self.images_paths = self.database_paths + self.queries_paths
         self.database_num = len(self.database_paths)
         self.queries_num = len(self.queries_paths)
-        self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+        self.labelled = not getattr(args, "no_labels", False)
+        if self.labelled:
+            self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
+            self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
+            self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+        else:  # --no_labels: any file name; positions, and so positives, are unknown
+            self.database_utms = self.queries_utms = self.soft_positives_per_query = None
 
     def positives_within(self, radius: float) -> list[np.ndarray]:
         """For each query, the int64 database indexes within `radius` metres (inclusive), nearest first."""
+        if not self.labelled:
+            raise ValueError(f"{self.dataset_folder} was opened without labels (--no_labels): it has no positives")
         # kd_tree measures exact distances; brute force on UTM-sized numbers loses precision to cancellation
         knn = NearestNeighbors(algorithm="kd_tree").fit(self.database_utms)
         distances, indexes = knn.radius_neighbors(self.queries_utms, radius=radius, return_distance=True)
         # lexsort: by distance, then by index, so that ties come out the same on every run
         return [i[np.lexsort((i, d))].astype(np.int64) for d, i in zip(distances, indexes)]
 
-    def get_positives(self) -> list[np.ndarray]:
-        """`soft_positives_per_query`: for each query the database indexes within the evaluation threshold."""
+    def get_positives(self) -> list[np.ndarray] | None:
+        """`soft_positives_per_query`: for each query the database indexes within the evaluation threshold (None
+        without labels)."""
         return self.soft_positives_per_query
 
     def hard_resized(self, index: int) -> Tensor:

@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 import commons
 import parser
 import util
+import visualize
 from datasets_ws import BaseDataset
 from model import FeaturesExtractor
 
@@ -54,6 +55,18 @@ def query_descriptors(
     if args.test_method == "five_crops":
         descriptors = descriptors.reshape(dataset.queries_num, NUM_CROPS, -1).mean(axis=1)
     return descriptors
+
+
+def log_recalls(
+    prefix: str, predictions: np.ndarray, positives: list[np.ndarray] | None, recall_values: Sequence[int]
+) -> np.ndarray | None:
+    """Recall@N of `predictions` (None without labels), logged after `prefix`."""
+    if positives is None:
+        logging.info(f"{prefix}no labels (--no_labels): recalls not computed")
+        return None
+    recalls = util.compute_recalls(predictions, positives, recall_values)
+    logging.info(f"{prefix}{util.recalls_to_str(recalls, recall_values)}")
+    return recalls
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -131,7 +144,7 @@ def test(
         descriptors_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        num_predictions = max(max(args.recall_values), args.num_reranked_preds)
+        num_predictions = max(max(args.recall_values), args.num_reranked_preds, args.num_preds_to_save)
         distances, predictions = util.search(database_descriptors, queries_descriptors, num_predictions)
         if args.test_method in ("nearest_crop", "maj_voting"):
             num_predictions = predictions.shape[1]
@@ -140,9 +153,8 @@ def test(
             )
             distances = np.full(predictions.shape, np.nan, dtype=np.float32)  # crops' distances do not merge
         search_time = time.perf_counter() - start
-        positives = dataset.get_positives()
-        baseline = util.compute_recalls(predictions, positives, args.recall_values)
-        logging.info(f"baseline {dataset.split}: {util.recalls_to_str(baseline, args.recall_values)}")
+        positives = dataset.get_positives()  # None with --no_labels
+        baseline = log_recalls(f"baseline {dataset.split}: ", predictions, positives, args.recall_values)
         if not rerank:
             return {
                 "baseline_recalls": baseline,
@@ -166,8 +178,13 @@ def test(
             args.amp,
         )
         rerank_time = time.perf_counter() - start
-        after = util.compute_recalls(reranked, positives, args.recall_values)
-        logging.info(f"{dataset.split} after re-ranking - {util.recalls_to_str(after, args.recall_values)}")
+        after = log_recalls(f"{dataset.split} after re-ranking - ", reranked, positives, args.recall_values)
+        if args.num_preds_to_save:  # the top pair's matches and homography, while the local features are on disk
+            saved = visualize.queries_to_save(reranked, positives, args.save_only_wrong_preds)
+            geometries = visualize.top_match_geometries(
+                homography_regression, store, saved + dataset.database_num, reranked[saved, 0],
+                args.infer_batch_size, device, args.amp,
+            )  # fmt: skip
     finally:
         if store is not None:
             store.close()
@@ -176,12 +193,18 @@ def test(
         f"Time: descriptors {descriptors_time:.1f} s, search {search_time:.2f} s, re-ranking {rerank_time:.1f} s "
         f"({dataset.queries_num * min(args.num_reranked_preds, predictions.shape[1]) / rerank_time:.1f} pairs/s)"
     )
-    if args.save_predictions:
+    if args.save_predictions or args.no_labels:
         path = output_folder / "predictions.csv"
         util.save_predictions(
             path, dataset.queries_paths, dataset.database_paths, predictions, distances, reranked, scores
         )
         logging.info(f"Predictions saved to {path}")
+    if args.num_preds_to_save:
+        folder = output_folder / "preds"
+        visualize.save_prediction_pictures(
+            folder, dataset, saved, predictions, reranked, scores, args.num_preds_to_save, geometries, positives
+        )
+        logging.info(f"{len(saved)} prediction pictures saved to {folder}")
     return {
         "baseline_recalls": baseline,
         "reranked_recalls": after,

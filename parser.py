@@ -16,6 +16,7 @@ from model.dhe import PATCH_SIZE
 
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 MINING_METHODS = ("partial", "full", "random", "msls_weighted")
+MAX_PREDS_TO_SAVE = 50  # predictions per row of a picture (--num_preds_to_save); beyond that it is unreadable
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +144,31 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         "--save_predictions",
         action="store_true",
         help="Write every query's top predictions before and after re-ranking, with scores, to the run folder.",
+    )
+
+
+def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation outputs")
+    group.add_argument(
+        "--num_preds_to_save",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Save a picture per query into preds/ in the run folder: the query, its top N predictions before and "
+        "after re-ranking (framed green if correct, red if wrong, grey without labels; distance in metres, inlier "
+        "score), and the matches and DHE homography of the top candidate after re-ranking. 0: none; at most "
+        f"{MAX_PREDS_TO_SAVE}.",
+    )
+    group.add_argument(
+        "--save_only_wrong_preds",
+        action="store_true",
+        help="With --num_preds_to_save: only the queries whose top prediction after re-ranking is wrong.",
+    )
+    group.add_argument(
+        "--no_labels",
+        action="store_true",
+        help="The images' file names carry no position (any name is accepted): no recalls are computed, and the "
+        "predictions are saved to predictions.csv (and pictures with --num_preds_to_save).",
     )
 
 
@@ -290,6 +316,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     _add_model_flags(parser)
     _add_common_flags(parser)
     _add_test_flags(parser)
+    if script == "eval":
+        _add_eval_output_flags(parser)
+    else:  # the training scripts' validation and test runs (eval.test) write no pictures and need labels
+        parser.set_defaults(num_preds_to_save=0, save_only_wrong_preds=False, no_labels=False)
     if script in ("finetune", "eval"):
         _add_augmentation_flags(parser)
     if script == "finetune":
@@ -339,6 +369,13 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     for name in positive_ints:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if hasattr(args, "num_preds_to_save"):
+        if not 0 <= args.num_preds_to_save <= MAX_PREDS_TO_SAVE:
+            parser.error(f"--num_preds_to_save {args.num_preds_to_save}: must be between 0 and {MAX_PREDS_TO_SAVE}")
+        if args.save_only_wrong_preds and args.num_preds_to_save == 0:
+            parser.error("--save_only_wrong_preds needs --num_preds_to_save N with N > 0")
+        if args.save_only_wrong_preds and args.no_labels:
+            parser.error("--save_only_wrong_preds needs labels: it cannot be used with --no_labels")
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):
