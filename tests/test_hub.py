@@ -72,6 +72,35 @@ def test_hub_loads_finetune_checkpoints(checkpoints, monkeypatch):
     assert batched_order.tolist() == [order.tolist()] and torch.equal(batched_scores[0], scores)
 
 
+def test_hub_loads_what_finetune_wrote(tmp_path, monkeypatch):
+    """One tiny epoch of finetune.py, then its best and per-epoch state dicts through torch.hub.load."""
+    import finetune
+    from synthetic import generate_world
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.chdir(tmp_path)
+    generate_world(tmp_path, "tiny", image_size=(96, 96), database_per_split=(16, 8, 8), queries_per_split=(6, 4, 2))
+    result = finetune.cli(
+        [
+            "--datasets_folder", str(tmp_path), "--dataset_name", "tiny", "--resize", str(SIZE), str(SIZE),
+            "--trunc_te", str(TRUNC_TE), "--num_workers", "0", "--device", "cpu", "--infer_batch_size", "8",
+            "--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "2",
+            "--neg_samples_num", "8", "--epochs_num", "1", "--exp_name", "hub",
+        ]
+    )  # fmt: skip
+    folder = result["output_folder"]
+    for prefix in ("best_", ""):
+        suffix = "" if prefix else "_000"
+        resume_fe = folder / f"{prefix}features_extractor{suffix}.torch"
+        resume_hr = folder / f"{prefix}homography_regression{suffix}.torch"
+        model = hub_load(resume_fe=str(resume_fe), resume_hr=str(resume_hr), resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+        for module, path in ((model.features_extractor, resume_fe), (model.homography_regression, resume_hr)):
+            saved = torch.load(path, weights_only=True)
+            state_dict = module.state_dict()
+            assert set(saved) == set(state_dict)
+            assert all(torch.equal(state_dict[key], value) for key, value in saved.items())
+
+
 def test_hub_preprocess(checkpoints, tmp_path):
     from PIL import Image
 
