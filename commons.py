@@ -8,7 +8,10 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -18,10 +21,13 @@ import torch
 _RUN_HANDLER = "dhe_vpr_run"
 
 __all__ = [
+    "Interrupted",
+    "install_signal_handlers",
     "make_deterministic",
     "resolve_device",
     "make_run_folder",
     "remove_run_folder",
+    "end_failed_run",
     "setup_logging",
     "close_logging",
     "log_run_header",
@@ -52,10 +58,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
-    """Create and return `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/` (a new folder: an existing one is an error)."""
-    folder = Path(root) / exp_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    folder.mkdir(parents=True, exist_ok=False)
-    return folder
+    """Create and return a new `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/`.
+
+    Runs started in the same second get `<YYYY-MM-DD_HH-MM-SS>_1`, `_2`, ...: each name is taken by an atomic
+    `mkdir`, so concurrent runs (several processes, or several machines on a shared disk) never share a folder.
+    """
+    parent = Path(root) / exp_name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for attempt in range(10_000):
+        folder = parent / (stamp if attempt == 0 else f"{stamp}_{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{parent / stamp} and 9999 numbered variants already exist")
 
 
 def remove_run_folder(folder: str | Path) -> None:
@@ -64,6 +82,25 @@ def remove_run_folder(folder: str | Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         folder.parent.rmdir()
+
+
+def end_failed_run(folder: str | Path, error: BaseException, keep: bool) -> None:
+    """Log what stopped a run, then close its logs and delete its folder, unless `keep` (it holds results).
+
+    An interruption (Ctrl-C, SIGTERM, SIGHUP) is logged as such. With `keep`, the folder and its `info.log` (with
+    whatever results were logged) stay, and the log says that the run did not finish.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        what = f"The run was interrupted ({error.signal_name if isinstance(error, Interrupted) else 'Ctrl-C'})"
+    else:
+        what = f"The run failed: {type(error).__name__}: {error}"
+    if keep:
+        logging.error(f"{what}; {folder} is kept with the results logged so far (info.log)")
+    else:
+        logging.error(f"{what}; nothing was produced, so {folder} is removed")
+    close_logging()
+    if not keep:
+        remove_run_folder(folder)
 
 
 def setup_logging(output_folder: str | Path, console: str = "info") -> None:
@@ -77,10 +114,11 @@ def setup_logging(output_folder: str | Path, console: str = "info") -> None:
     close_logging()
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    # A file name that is not valid UTF-8 (a surrogate-escaped str) is logged with backslash escapes, not an error.
     handlers: list[logging.Handler] = [
-        logging.FileHandler(output_folder / "info.log"),
-        logging.FileHandler(output_folder / "debug.log"),
-        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(output_folder / "info.log", errors="backslashreplace"),
+        logging.FileHandler(output_folder / "debug.log", errors="backslashreplace"),
+        logging.StreamHandler(pipe_safe(sys.stderr)),
     ]
     for handler, level in zip(handlers, (logging.INFO, logging.DEBUG, getattr(logging, console.upper()))):
         handler.setLevel(level)
@@ -98,6 +136,90 @@ def close_logging() -> None:
         if handler.get_name() == _RUN_HANDLER:
             root.removeHandler(handler)
             handler.close()
+
+
+# ------------------------------------------------------------------------------------------------ interruptions
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP turned into a KeyboardInterrupt, so that they clean up as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.signal_name}")
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+class _PipeSafeStream:
+    """A console stream (stdout, stderr) that survives a reader that stops reading (`| head`, quitting `less`).
+
+    On the first broken pipe its file descriptor is pointed at /dev/null, so that later writes, flushes (tqdm's,
+    the interpreter's at exit) and child processes sharing the descriptor all succeed and the run goes on, still
+    logging to its files.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def _on_broken_pipe(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._on_broken_pipe()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._on_broken_pipe()
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()  # the buffered text now goes to /dev/null
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def pipe_safe(stream):
+    """`stream` wrapped so that a broken pipe never raises (see `_PipeSafeStream`); wrapping twice is a no-op."""
+    return stream if isinstance(stream, _PipeSafeStream) or stream is None else _PipeSafeStream(stream)
+
+
+def install_signal_handlers() -> Callable[[], None]:
+    """Make SIGTERM (timeout, SLURM, docker stop) and SIGHUP (a closed terminal) raise `Interrupted`, a
+    KeyboardInterrupt, so that they clean up exactly as Ctrl-C does; make stdout/stderr survive a broken pipe.
+
+    Also ignores SIGPIPE (as Python does at start-up, in case a parent process changed that) so that a reader
+    that goes away gives BrokenPipeError, which `pipe_safe` streams absorb. Returns a function that restores the
+    previous handlers and streams. Outside the main thread (where Python cannot set handlers) only the streams are
+    changed.
+    """
+    previous_streams = (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = pipe_safe(sys.stdout), pipe_safe(sys.stderr)
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for name, handler in (("SIGTERM", _raise_interrupted), ("SIGHUP", _raise_interrupted), ("SIGPIPE", None)):
+            signum = getattr(signal, name, None)  # Windows has no SIGHUP nor SIGPIPE
+            if signum is not None:
+                previous_handlers[signum] = signal.signal(signum, signal.SIG_IGN if handler is None else handler)
+
+    def restore() -> None:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        sys.stdout, sys.stderr = previous_streams
+
+    return restore
 
 
 def library_versions() -> dict[str, str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,21 +58,33 @@ def query_descriptors(
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; returns recalls before/after re-ranking, predictions and the run folder.
 
-    A run that fails (a bad folder, image or checkpoint, an interruption) leaves no run folder behind.
+    A run that fails (a bad folder, image or checkpoint, an interruption) before its recalls are known leaves no
+    run folder behind; once they are logged, a later failure (writing the predictions, a full disk, Ctrl-C) keeps
+    the folder with its logs, which say what failed.
     """
     commons.make_deterministic(args.seed)
     device = commons.resolve_device(args.device)
     output_folder = commons.make_run_folder(args.exp_name)
+    results: dict = {"output_folder": output_folder}
     try:
-        return evaluate(args, device, output_folder)
-    except BaseException:
-        commons.close_logging()
-        commons.remove_run_folder(output_folder)
+        return evaluate(args, device, output_folder, results)
+    except BaseException as error:
+        commons.end_failed_run(output_folder, error, keep="baseline_recalls" in results)
         raise
 
 
-def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path) -> dict:
-    """The body of `main`, logging to `output_folder`."""
+def local_features_path(args: argparse.Namespace, output_folder: Path) -> Path:
+    """Where the temporary local-feature file goes: the run folder, or `--local_features_dir` (a name unique to
+    this run, so that runs sharing that folder do not collide)."""
+    if args.local_features_dir is None:
+        return output_folder / "local_features.f16"
+    unique = f"local_features_{args.exp_name}_{output_folder.name}_{os.getpid()}.f16".replace(os.sep, "_")
+    return Path(args.local_features_dir) / unique
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path, results: dict | None = None) -> dict:
+    """The body of `main`, logging to `output_folder`; fills `results` (returned) as results become known."""
+    results = {} if results is None else results
     commons.setup_logging(output_folder)
     commons.log_run_header(args, output_folder)
     dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
@@ -79,7 +93,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
 
     store = util.LocalFeatureStore(
-        output_folder / "local_features.f16",
+        local_features_path(args, output_folder),
         len(dataset.images_paths),
         (features_extractor.features_dim, *features_extractor.grid_size),
     )
@@ -95,6 +109,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
             "database",
         )
         queries_descriptors = query_descriptors(args, features_extractor, dataset, store, device)
+        util.check_finite_descriptors(database_descriptors, dataset.database_paths, "database", args.resume_fe)
+        util.check_finite_descriptors(queries_descriptors, dataset.queries_paths, "query", args.resume_fe)
         descriptors_time = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -110,6 +126,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         positives = dataset.get_positives()
         baseline = util.compute_recalls(predictions, positives, args.recall_values)
         logging.info(f"baseline test: {util.recalls_to_str(baseline, args.recall_values)}")
+        results.update(baseline_recalls=baseline, predictions=predictions)
 
         start = time.perf_counter()
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
@@ -126,6 +143,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         rerank_time = time.perf_counter() - start
         after = util.compute_recalls(reranked, positives, args.recall_values)
         logging.info(f"test after re-ranking - {util.recalls_to_str(after, args.recall_values)}")
+        results.update(reranked_recalls=after, reranked_predictions=reranked, rerank_scores=scores)
     finally:
         store.close()
 
@@ -139,24 +157,23 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
             path, dataset.queries_paths, dataset.database_paths, predictions, distances, reranked, scores
         )
         logging.info(f"Predictions saved to {path}")
-    return {
-        "baseline_recalls": baseline,
-        "reranked_recalls": after,
-        "predictions": predictions,
-        "reranked_predictions": reranked,
-        "rerank_scores": scores,
-        "output_folder": output_folder,
-    }
+    results["output_folder"] = output_folder
+    return results
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:
     """Parse `argv` (default: the command line), run `main`, and close the run's log files."""
     args = parser.parse_arguments("eval", argv)
+    restore_signal_handlers = commons.install_signal_handlers()
     try:
         return main(args)
     finally:
         commons.close_logging()
+        restore_signal_handlers()
 
 
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except commons.Interrupted as interrupted:
+        sys.exit(128 + interrupted.signum)  # the shell's convention for a process ended by a signal
