@@ -1,0 +1,313 @@
+"""What happens when things go wrong (issue 9): interruptions, results kept, checkpoints from the wild, odd
+datasets, odd numbers, resources, concurrency, synthetic.py. Each test fails without the handling it checks.
+
+End-to-end runs use the tiny synthetic world at --resize 64 64 with one CCT block, on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import commons
+import eval as eval_script
+import parser
+import synthetic
+import util
+from model import FeaturesExtractor, HomographyRegression
+from model.checkpoints import (
+    GRID_METADATA_KEY,
+    CheckpointMismatchError,
+    NotACheckpointError,
+    load_features_extractor,
+    load_homography_regression,
+    load_state_dict_file,
+    save_state_dict,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESIZE = ("--resize", "64", "64")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    """`synthetic.py --preset tiny` (16 database images and 6 queries in the test split)."""
+    return synthetic.main(["--out", str(tmp_path_factory.mktemp("worlds")), "--name", "tiny", "--preset", "tiny"])
+
+
+def eval_argv(world: Path, *extra: str) -> list[str]:
+    return [
+        "--datasets_folder", str(world.parent), "--dataset_name", world.name, *RESIZE, "--trunc_te", "1",
+        "--device", "cpu", "--num_workers", "0", "--recall_values", "1", "5", *extra,
+    ]  # fmt: skip
+
+
+def run_folders(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "logs").glob("*/*") if p.is_dir()) if (root / "logs").exists() else []
+
+
+# ----------------------------------------------------------------------------------------- 1. interruptions
+# A wrapper around eval.py that, at the first store write (DataLoader workers running, local_features.f16 on disk),
+# records the worker pids and the store path, then waits for the test's signal.
+_SLOW_EVAL = """
+import multiprocessing, sys, time
+sys.path.insert(0, {root!r})
+import util, eval as eval_script
+marker = {marker!r}
+write = util.LocalFeatureStore.write
+def slow_write(self, indexes, features):
+    write(self, indexes, features)
+    pids = [str(p.pid) for p in multiprocessing.active_children()]
+    with open(marker + ".tmp", "w") as file:
+        file.write(str(self.path.resolve()) + "\\n" + " ".join(pids))
+    import os; os.replace(marker + ".tmp", marker)
+    time.sleep(60)
+util.LocalFeatureStore.write = slow_write
+sys.argv = ["eval.py", *{argv!r}]
+try:
+    eval_script.cli()
+except eval_script.commons.Interrupted as interrupted:
+    sys.exit(128 + interrupted.signum)
+"""
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(tiny_world, tmp_path, signum):
+    marker = tmp_path / "started"
+    argv = eval_argv(tiny_world, "--num_workers", "1", "--infer_batch_size", "4")
+    script = _SLOW_EVAL.format(root=str(ROOT), marker=str(marker), argv=argv)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(marker, process)
+    store_path, worker_pids = marker.read_text().split("\n")
+    assert Path(store_path).exists() and worker_pids  # mid-extraction, with a DataLoader worker
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert f"The run was interrupted ({signal.Signals(signum).name})" in stderr
+    assert not Path(store_path).exists()
+    assert run_folders(tmp_path) == []  # nothing was produced yet: nothing is left
+    time.sleep(0.5)
+    assert not any(pid_alive(int(pid)) for pid in worker_pids.split())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+def test_a_reader_that_stops_reading_does_not_kill_the_run(tiny_world, tmp_path):
+    # as `eval.py ... 2>&1 | head -1`: the pipe closes after the first line
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "eval.py"), *eval_argv(tiny_world, "--exp_name", "piped")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0
+    (folder,) = run_folders(tmp_path)
+    info = (folder / "info.log").read_text()
+    assert "baseline test: R@1" in info and "test after re-ranking - R@1" in info
+
+
+def test_pipe_safe_stream_survives_a_broken_pipe():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = commons.pipe_safe(os.fdopen(write_end, "w"))
+    assert stream.write("lost\n") == 5
+    stream.flush()
+    stream.write("still fine\n")
+    assert stream.broken
+
+
+# ------------------------------------------------------------------------------------ 2. results never destroyed
+def test_a_failure_after_the_recalls_keeps_the_run_folder_and_says_what_failed(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def disk_full(path, *args):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(util, "save_predictions", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        eval_script.cli(eval_argv(tiny_world, "--save_predictions"))
+    (folder,) = run_folders(tmp_path)
+    info = (folder / "info.log").read_text()
+    assert "baseline test: R@1" in info and "test after re-ranking - R@1" in info
+    assert "The run failed: OSError: [Errno 28] No space left on device" in info
+    assert "is kept with the results logged so far" in info
+    assert not (folder / "local_features.f16").exists()
+
+
+def test_a_failure_before_the_recalls_leaves_nothing(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(util, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.cli(eval_argv(tiny_world))
+    assert run_folders(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names as bytes")
+def test_a_file_name_that_is_not_utf8_is_evaluated_and_saved(tiny_world, tmp_path, monkeypatch):
+    import shutil
+
+    world = tmp_path / "worlds" / "tiny"
+    shutil.copytree(tiny_world, world)
+    database = world / "images" / "test" / "database"
+    first = sorted(os.listdir(database))[0]
+    odd_name = os.fsencode(first).replace(b"@.jpg", b"caf\xe9@.jpg")  # Latin-1, not UTF-8
+    os.rename(os.fsencode(database / first), os.fsencode(database) + b"/" + odd_name)
+    monkeypatch.chdir(tmp_path)
+    result = eval_script.cli(eval_argv(world, "--save_predictions"))
+    csv_bytes = (result["output_folder"] / "predictions.csv").read_bytes()
+    assert odd_name in csv_bytes  # the exact bytes, so the row still names the file
+
+
+# ------------------------------------------------------------------------------------ 3. checkpoints from the wild
+class _Numpy1Pickler(pickle._Pickler):
+    """Pickles numpy objects under numpy 1.x's module names (`numpy.core.multiarray`), as old checkpoints have."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "") or ""
+        if module.startswith("numpy._core"):
+            qualified = f"{module.replace('numpy._core', 'numpy.core')}\n{name or obj.__name__}\n"
+            self.write(pickle.GLOBAL + qualified.encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def test_benchmark_checkpoint_pickled_under_numpy_1_loads(tmp_path):
+    features_extractor = FeaturesExtractor(resize=(64, 64), trunc_te=1)
+    renames = {"encoder.": "module.backbone.", "pool.": "module.aggregation."}
+    state_dict = {
+        renames[k.split(".")[0] + "."] + k.split(".", 1)[1]: v for k, v in features_extractor.state_dict().items()
+    }
+    checkpoint = {"epoch_num": 3, "model_state_dict": state_dict, "recalls": np.array([80.1, 90.2])}
+    checkpoint["best_r5"] = np.float64(90.2)
+    path = tmp_path / "CCT14_msls.pth"
+    shim = types.SimpleNamespace(Pickler=_Numpy1Pickler, Unpickler=pickle.Unpickler, __name__="pickle")
+    torch.save(checkpoint, path, pickle_module=shim)
+    assert b"numpy.core.multiarray\n_reconstruct" in zipfile.ZipFile(path).read("CCT14_msls/data.pkl")
+    loaded = load_state_dict_file(path)
+    assert loaded["recalls"].tolist() == [80.1, 90.2] and loaded["best_r5"] == 90.2
+    load_features_extractor(FeaturesExtractor(resize=(64, 64), trunc_te=1), path)
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(HomographyRegression(resize=(32, 32)).state_dict(), buffer)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+@pytest.mark.parametrize(
+    ("make", "looks_like"),
+    [
+        (lambda p: p.write_text("these are not weights\n"), "is a text file"),
+        (lambda p: p.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title>"), "is an HTML page"),
+        (
+            lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 123\n"),
+            "is a Git LFS pointer",
+        ),
+        (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        (lambda p: p.mkdir(), "is a folder"),
+        (_truncated_checkpoint, "is a damaged or truncated zip archive"),
+        (lambda p: p.write_bytes(b"\x00\x01\x02\x03binary"), "is not a torch checkpoint"),
+    ],
+    ids=["text", "html", "git-lfs", "empty", "folder", "truncated-zip", "binary"],
+)
+def test_files_that_are_not_checkpoints_say_what_they_look_like(tmp_path, make, looks_like):
+    path = tmp_path / "finetunedDHE_pitts30k.torch"
+    make(path)
+    with pytest.raises(NotACheckpointError) as error:
+        load_homography_regression(HomographyRegression(resize=(32, 32)), path)
+    message = str(error.value)
+    assert str(path) in message and looks_like in message
+    assert "weights_only" not in message
+
+
+def test_a_checkpoint_with_other_objects_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "pickled_model.torch"
+    torch.save({"model": HomographyRegression(resize=(32, 32))}, path)
+    with pytest.raises(NotACheckpointError) as error:
+        load_state_dict_file(path)
+    message = str(error.value)
+    assert "objects other than tensors" in message and "HomographyRegression" in message
+    assert "weights_only" not in message
+
+
+def test_a_checkpoint_for_another_resize_is_refused_even_with_the_same_patch_count(tmp_path):
+    # 192 x 128 and 128 x 192 both have 96 patches: every shape matches, only the recorded grid differs
+    save_state_dict(FeaturesExtractor(resize=(192, 128), trunc_te=1), tmp_path / "fe.torch")
+    save_state_dict(HomographyRegression(resize=(192, 128)), tmp_path / "hr.torch")
+    with pytest.raises(CheckpointMismatchError, match=r"12 x 8 feature grid \(--resize 192 128\).*8 x 12"):
+        load_features_extractor(FeaturesExtractor(resize=(128, 192), trunc_te=1), tmp_path / "fe.torch")
+    with pytest.raises(CheckpointMismatchError, match="another --resize"):
+        load_homography_regression(HomographyRegression(resize=(128, 192)), tmp_path / "hr.torch")
+    load_homography_regression(HomographyRegression(resize=(192, 128)), tmp_path / "hr.torch")
+
+
+def test_the_original_loads_our_checkpoints_strictly_and_the_grid_is_in_the_metadata(tmp_path):
+    head = HomographyRegression(resize=(48, 32))
+    save_state_dict(head, tmp_path / "hr.torch")
+    saved = torch.load(tmp_path / "hr.torch", weights_only=False)  # as the original's torch.load
+    assert set(saved) == set(head.state_dict())  # no extra key
+    assert saved._metadata[""][GRID_METADATA_KEY] == (3, 2)
+    HomographyRegression(resize=(48, 32)).load_state_dict(saved, strict=True)
+
+
+def test_a_foreign_file_with_576_positions_is_taken_as_the_originals_24_x_24(tmp_path):
+    # no recorded grid: 576 positions can only be the original's 24 x 24, not 12 x 48
+    state_dict = dict(FeaturesExtractor(resize=(192, 768), trunc_te=1).state_dict())
+    torch.save(state_dict, tmp_path / "foreign.torch")
+    with pytest.raises(CheckpointMismatchError, match=r"24 x 24 feature grid \(--resize 384 384\)"):
+        load_features_extractor(FeaturesExtractor(resize=(192, 768), trunc_te=1), tmp_path / "foreign.torch")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_get_the_permissions_of_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        save_state_dict(HomographyRegression(resize=(32, 32)), tmp_path / "hr.torch")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "hr.torch").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    head = HomographyRegression(resize=(32, 32))
+    with torch.no_grad():
+        head.linear.bias[3] = float("nan")
+    save_state_dict(head, tmp_path / "hr.torch")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"non-finite values \(NaN or infinite\) in 1 tensors: linear.bias"
+    ):
+        load_homography_regression(HomographyRegression(resize=(32, 32)), tmp_path / "hr.torch")
