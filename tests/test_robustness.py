@@ -23,7 +23,6 @@ import torch
 
 import commons
 import eval as eval_script
-import parser
 import synthetic
 import util
 from model import FeaturesExtractor, HomographyRegression
