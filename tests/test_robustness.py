@@ -23,6 +23,7 @@ import torch
 
 import commons
 import eval as eval_script
+import parser
 import synthetic
 import util
 from model import FeaturesExtractor, HomographyRegression
@@ -310,3 +311,77 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
         CheckpointMismatchError, match=r"non-finite values \(NaN or infinite\) in 1 tensors: linear.bias"
     ):
         load_homography_regression(HomographyRegression(resize=(32, 32)), tmp_path / "hr.torch")
+
+
+# ------------------------------------------------------------------------------------------------- 4. odd datasets
+@pytest.fixture
+def world_copy(tiny_world, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_world, tmp_path / "worlds" / "tiny"))
+
+
+def dataset_args(world: Path):
+    return parser.parse_arguments("eval", eval_argv(world))
+
+
+def test_symlink_loops_and_links_back_do_not_duplicate_images(world_copy, caplog):
+    from datasets_ws import BaseDataset
+
+    count = len(BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test").database_paths)
+    database = world_copy / "images" / "test" / "database"
+    (database / "loop").symlink_to(".")  # a loop: database/loop/loop/...
+    (database / "again").symlink_to(database)  # a link back to the same folder
+    first = sorted(database.glob("*.jpg"))[0]
+    (database / "link.jpg").symlink_to(first)  # a second name for one image
+    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    assert dataset.database_num == count
+    assert str(first) in dataset.database_paths  # the plain path is the one kept
+    assert "a symlink loop" in caplog.text and "reached twice (through links) and used once" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_named_like_an_image_is_skipped_and_never_opened(world_copy, caplog):
+    from datasets_ws import BaseDataset, open_rgb_image
+
+    queries = world_copy / "images" / "test" / "queries"
+    fifo = queries / "@500000.00@4000000.00@33@T@@@fifo@@@@@@@@.jpg"
+    os.mkfifo(fifo)
+    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    assert str(fifo) not in dataset.queries_paths
+    assert f"{fifo} (a FIFO)" in caplog.text
+    with pytest.raises(OSError, match="not a regular file"):
+        open_rgb_image(str(fifo))  # returns at once instead of blocking on open()
+
+
+def test_exif_orientation_turns_photos_upright(world_copy):
+    from PIL import Image
+
+    from datasets_ws import BaseDataset
+
+    queries = world_copy / "images" / "test" / "queries"
+    upright_jpg = sorted(queries.glob("*.jpg"))[0]
+    with Image.open(upright_jpg) as image:
+        upright = image.convert("RGB").crop((0, 0, image.width, image.height * 3 // 4))  # not square
+    upright_jpg.unlink()
+    upright.save(upright_jpg.with_suffix(".png"))
+    # a camera held sideways stores the pixels turned, with orientation 6: "rotate 90 degrees clockwise to show"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = queries / upright_jpg.name.replace("@.jpg", "sideways@.png")
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif)
+    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    index = dataset.database_num + dataset.queries_paths.index(str(sideways))
+    reference = dataset.database_num + dataset.queries_paths.index(str(upright_jpg.with_suffix(".png")))
+    assert torch.equal(dataset.hard_resized(index), dataset.hard_resized(reference))
+
+
+def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
+    from datasets_ws import BaseDataset
+
+    test_database = world_copy / "images" / "test" / "database"
+    (test_database / "from_train").symlink_to(world_copy / "images" / "train" / "database")
+    with pytest.raises(ValueError, match=r"the test split .* are the same files as images of the train split"):
+        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    with pytest.raises(ValueError, match=r"the train split .* the test split"):
+        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "train")
