@@ -385,3 +385,140 @@ def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
         BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
     with pytest.raises(ValueError, match=r"the train split .* the test split"):
         BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "train")
+
+
+# -------------------------------------------------------------------------------------------------- 5. odd numbers
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("eval", ["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+        ("eval", ["--seed", str(2**32)], "--seed 4294967296: must be between 0 and 4294967295"),
+        ("eval", ["--majority_weight", "nan"], "--majority_weight nan: must be a finite number"),
+        ("eval", ["--majority_weight", "-0.5"], "--majority_weight -0.5: must be in [0, inf)"),
+        ("eval", ["--hue", "0.7"], "--hue 0.7: must be in [0, 0.5]"),
+        ("eval", ["--random_resized_crop", "1"], "--random_resized_crop 1.0: must be in [0, 1)"),
+        ("eval", ["--val_positive_dist_threshold", str(10**20)], "must be at most 2147483647"),
+        ("finetune", ["--lr", "inf"], "--lr inf: must be a finite number"),
+        ("finetune", ["--lr", "0"], "--lr 0.0: must be in (0, inf)"),
+        ("finetune", ["--margin", "-1"], "--margin -1.0: must be in [0, inf)"),
+        ("finetune", ["--patience", "0"], "--patience 0: must be a positive integer"),
+        ("train_dhe", ["--qp_threshold", "-0.1"], "--qp_threshold -0.1: must be in (0, inf)"),
+        ("train_dhe", ["--qp_threshold", "nan"], "--qp_threshold nan: must be a finite number"),
+    ],
+)
+def test_numeric_flags_are_range_checked(script, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_arguments(script, ["--datasets_folder", "d", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_descriptors_are_reported_clearly(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    forward = FeaturesExtractor.forward
+
+    def nan_forward(self, images):
+        global_descriptors, local_features = forward(self, images)
+        return global_descriptors * float("nan"), local_features
+
+    monkeypatch.setattr(FeaturesExtractor, "forward", nan_forward)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) database descriptors for 16 of 16 images"):
+        eval_script.cli(eval_argv(tiny_world))
+    assert run_folders(tmp_path) == []
+
+
+def test_when_every_score_of_a_query_ties_the_global_order_is_kept(tiny_world, tmp_path, monkeypatch, caplog):
+    # at 32 x 16 the grid is 2 x 1: never 4 mutual matches, so every re-ranking score is 0
+    monkeypatch.chdir(tmp_path)
+    argv = eval_argv(tiny_world, "--num_reranked_preds", "5")
+    argv[argv.index("64") : argv.index("64") + 2] = ["32", "16"]
+    result = eval_script.cli(argv)
+    assert (result["rerank_scores"] == 0).all()
+    np.testing.assert_array_equal(result["reranked_predictions"], result["predictions"])
+    assert "For 6 of 6 queries every re-ranked candidate got the same score: they keep their global order" in (
+        caplog.text
+    )
+
+
+def test_nan_scores_are_reported_not_ranked():
+    with pytest.raises(ValueError, match="re-ranking scores are not finite"):
+        util._rerank_order(np.array([[3.0, np.nan, 1.0]]))
+    order, tied = util._rerank_order(np.array([[1.0, 5.0, 1.0], [2.0, 2.0, 2.0]]))
+    assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and tied.tolist() == [False, True]  # ties as the original
+
+
+# ---------------------------------------------------------------------------------------------------- 6. resources
+def test_too_little_free_space_stops_before_extracting(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000, total=10**6))
+    extracted = []
+    monkeypatch.setattr(util, "extract_features", lambda *a, **k: extracted.append(1))
+    with pytest.raises(OSError) as error:
+        eval_script.cli(eval_argv(tiny_world))
+    message = str(error.value)
+    # 22 images x 384 channels x 4 x 4 positions x 2 bytes
+    assert "the local features of 22 images need" in message and "(270336 bytes)" in message
+    assert "local_features.f16" in message and "only 1e-06 GB are free" in message
+    assert "--local_features_dir" in message
+    assert extracted == [] and run_folders(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="resource limits")
+def test_a_file_size_limit_below_the_store_size_stops_before_extracting(tiny_world, tmp_path, monkeypatch):
+    import resource
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (100_000, resource.RLIM_INFINITY))
+    with pytest.raises(OSError, match=r"more than this process's file-size limit of 100000 bytes \(ulimit -f\)"):
+        eval_script.cli(eval_argv(tiny_world))
+
+
+def test_a_disk_that_fills_up_while_writing_says_so(tmp_path, monkeypatch):
+    store = util.LocalFeatureStore(tmp_path / "local_features.f16", 4, (8, 2, 2))
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(util.os, "pwrite", full)
+    with pytest.raises(OSError, match=r"writing .*local_features.f16 failed \(No space left on device\).*need"):
+        store.write([0], torch.zeros(1, 8, 2, 2))
+    monkeypatch.undo()
+    store.close()
+    assert not (tmp_path / "local_features.f16").exists()
+
+
+def test_local_features_dir_puts_the_file_elsewhere(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "scratch"
+    elsewhere.mkdir()
+    seen = []
+    init = util.LocalFeatureStore.__init__
+
+    def spy(self, path, *args):
+        seen.append(Path(path))
+        init(self, path, *args)
+
+    monkeypatch.setattr(util.LocalFeatureStore, "__init__", spy)
+    eval_script.cli(eval_argv(tiny_world, "--local_features_dir", str(elsewhere)))
+    assert seen[0].parent == elsewhere and seen[0].suffix == ".f16"
+    assert list(elsewhere.iterdir()) == []  # deleted at the end
+
+
+# -------------------------------------------------------------------------------------------------- 7. concurrency
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    frozen = datetime(2024, 2, 29, 12, 0, 0)
+    monkeypatch.setattr(commons, "datetime", types.SimpleNamespace(now=lambda: frozen))
+    folders = [commons.make_run_folder("same", root=tmp_path) for _ in range(3)]
+    assert [f.name for f in folders] == ["2024-02-29_12-00-00", "2024-02-29_12-00-00_1", "2024-02-29_12-00-00_2"]
+
+
+def test_concurrent_runs_never_share_a_folder(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
+
+    frozen = datetime(2024, 2, 29, 12, 0, 0)
+    monkeypatch.setattr(commons, "datetime", types.SimpleNamespace(now=lambda: frozen))
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: commons.make_run_folder("same", root=tmp_path), range(16)))
+    assert len(set(folders)) == 16 and all(f.is_dir() for f in folders)
