@@ -522,3 +522,91 @@ def test_concurrent_runs_never_share_a_folder(tmp_path, monkeypatch):
     with ThreadPoolExecutor(8) as pool:
         folders = list(pool.map(lambda _: commons.make_run_folder("same", root=tmp_path), range(16)))
     assert len(set(folders)) == 16 and all(f.is_dir() for f in folders)
+
+
+# ---------------------------------------------------------------------------------------------------- 8. synthetic.py
+def tiny_flags(out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--name", "w", "--preset", "tiny", "--database_per_split", "2", "2", "4", *extra]
+
+
+def test_synthetic_output_inside_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit):
+            synthetic.main(tiny_flags(out))
+        assert "a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sheet", ["sheet.xyz", "sheet.jpg", "sheet"])
+def test_synthetic_contact_sheet_that_cannot_be_written_is_refused_before_generating(tmp_path, capsys, sheet):
+    with pytest.raises(SystemExit):
+        synthetic.main(tiny_flags(tmp_path / "out", "--contact_sheet", str(tmp_path / sheet)))
+    assert f"contact sheet {tmp_path / sheet}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+_SLOW_SYNTHETIC = """
+import sys, time
+sys.path.insert(0, {root!r})
+import synthetic
+generate_split = synthetic._generate_split
+def slow(split_dir, *args):
+    result = generate_split(split_dir, *args)
+    open({marker!r}, "w").close()
+    time.sleep(60)
+    return result
+synthetic._generate_split = slow
+try:
+    synthetic.main({argv!r})
+except synthetic.Interrupted as interrupted:
+    sys.exit(128 + interrupted.signum)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_synthetic_interrupted_by_sigterm_leaves_no_partial_folder(tmp_path):
+    marker = tmp_path / "started"
+    script = _SLOW_SYNTHETIC.format(root=str(ROOT), marker=str(marker), argv=tiny_flags(tmp_path / "out"))
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    wait_for(marker, process)
+    assert any(p.name.startswith(".w.partial-") for p in (tmp_path / "out").iterdir())
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_synthetic_removes_the_partial_folder_of_a_killed_run(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "out" / f".w.partial-{dead.pid}"
+    (stale / "images").mkdir(parents=True)
+    world = synthetic.main(tiny_flags(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [world.name]
+    assert f"Removing {stale}, left behind by an interrupted run" in caplog.text
+
+
+def test_synthetic_second_run_on_one_name_refuses(tmp_path, monkeypatch):
+    # a run that is still writing: its temporary folder names a live process
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / "out" / f".w.partial-{running.pid}"
+        busy.mkdir(parents=True)
+        with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
+            synthetic.generate_world(tmp_path / "out", "w", **synthetic.PRESETS["tiny"])
+        assert busy.exists()  # the other run's folder is left alone
+    finally:
+        running.kill()
+        running.wait()
+    # a run that finished while this one was writing: the end refuses rather than replacing its world
+    generate_split = synthetic._generate_split
+
+    def meanwhile(split_dir, *args):
+        (tmp_path / "out2" / "w" / "theirs").mkdir(parents=True, exist_ok=True)
+        return generate_split(split_dir, *args)
+
+    monkeypatch.setattr(synthetic, "_generate_split", meanwhile)
+    with pytest.raises(FileExistsError, match="was written by another run meanwhile"):
+        synthetic.generate_world(tmp_path / "out2", "w", **synthetic.PRESETS["tiny"])
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["w"]
+    assert [p.name for p in (tmp_path / "out2" / "w").iterdir()] == ["theirs"]
