@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,19 +15,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from interrupts import Interrupted, install_signal_handlers, pipe_safe
+
 _RUN_HANDLER = "dhe_vpr_run"
 
 __all__ = [
+    "Interrupted",
+    "install_signal_handlers",
     "make_deterministic",
     "resolve_device",
     "make_run_folder",
     "remove_run_folder",
+    "end_failed_run",
     "setup_logging",
     "close_logging",
     "log_run_header",
     "library_versions",
     "build_models",
-    "install_signal_handlers",
 ]
 
 
@@ -54,10 +57,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
-    """Create and return `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/` (a new folder: an existing one is an error)."""
-    folder = Path(root) / exp_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    folder.mkdir(parents=True, exist_ok=False)
-    return folder
+    """Create and return a new `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/`.
+
+    Runs started in the same second get `<YYYY-MM-DD_HH-MM-SS>_1`, `_2`, ...: each name is taken by an atomic
+    `mkdir`, so concurrent runs (several processes, or several machines on a shared disk) never share a folder.
+    """
+    parent = Path(root) / exp_name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for attempt in range(10_000):
+        folder = parent / (stamp if attempt == 0 else f"{stamp}_{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{parent / stamp} and 9999 numbered variants already exist")
 
 
 def remove_run_folder(folder: str | Path) -> None:
@@ -66,6 +81,25 @@ def remove_run_folder(folder: str | Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         folder.parent.rmdir()
+
+
+def end_failed_run(folder: str | Path, error: BaseException, keep: bool) -> None:
+    """Log what stopped a run, then close its logs and delete its folder, unless `keep` (it holds results).
+
+    An interruption (Ctrl-C, SIGTERM, SIGHUP) is logged as such. With `keep`, the folder and its `info.log` (with
+    whatever results were logged) stay, and the log says that the run did not finish.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        what = f"The run was interrupted ({error.signal_name if isinstance(error, Interrupted) else 'Ctrl-C'})"
+    else:
+        what = f"The run failed: {type(error).__name__}: {error}"
+    if keep:
+        logging.error(f"{what}; {folder} is kept with the results logged so far (info.log)")
+    else:
+        logging.error(f"{what}; nothing was produced, so {folder} is removed")
+    close_logging()
+    if not keep:
+        remove_run_folder(folder)
 
 
 def setup_logging(output_folder: str | Path, console: str = "info") -> None:
@@ -79,10 +113,11 @@ def setup_logging(output_folder: str | Path, console: str = "info") -> None:
     close_logging()
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    # A file name that is not valid UTF-8 (a surrogate-escaped str) is logged with backslash escapes, not an error.
     handlers: list[logging.Handler] = [
-        logging.FileHandler(output_folder / "info.log"),
-        logging.FileHandler(output_folder / "debug.log"),
-        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(output_folder / "info.log", errors="backslashreplace"),
+        logging.FileHandler(output_folder / "debug.log", errors="backslashreplace"),
+        logging.StreamHandler(pipe_safe(sys.stderr)),
     ]
     for handler, level in zip(handlers, (logging.INFO, logging.DEBUG, getattr(logging, console.upper()))):
         handler.setLevel(level)
@@ -158,17 +193,3 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.
             "WARNING: --resume_hr is not set, meaning that the DHE head is not initialised (random weights)!"
         )
     return features_extractor.to(device), homography_regression.to(device)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
-
-
-def install_signal_handlers() -> None:
-    """Turn SIGTERM (`timeout`, a cluster's scheduler) and SIGHUP (a closed terminal) into KeyboardInterrupt.
-
-    The scripts then stop as on Ctrl-C: files are written atomically, so only complete ones are left.
-    """
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_keyboard_interrupt)

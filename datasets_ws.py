@@ -23,13 +23,14 @@ import argparse
 import logging
 import math
 import os
+import stat
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.neighbors import NearestNeighbors
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -120,11 +121,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def open_rgb_image(path: str) -> Image.Image:
-    """Read the image at `path` as 8-bit RGB; an unreadable or corrupt file raises OSError naming `path`."""
+    """Read the image at `path` as 8-bit RGB, turned upright by its EXIF orientation as photo viewers do (the
+    benchmark datasets have none); an unreadable or corrupt file, or one that is not a regular file (a FIFO, whose
+    opening would block), raises OSError naming `path`."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError("not a regular file")
         with Image.open(path) as image:
             image.load()
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot read image {path}: {error}. Check that it is a valid JPEG/PNG file.") from error
@@ -172,14 +182,111 @@ def query_test_transform(image: Image.Image, test_method: str, resize: tuple[int
 
 
 # ----------------------------------------------------------------------------------------------------------- folders
-def _list_images(folder: str) -> list[str]:
-    """Every .jpg/.jpeg/.png under `folder` (recursive, symlinks followed), sorted."""
-    paths = []
-    for root, _, files in os.walk(folder, followlinks=True):
-        paths += [os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
-    if not paths:
+FileIdentity = tuple[int, int]  # (st_dev, st_ino): the same file, whatever links lead to it
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def scan_images(folder: str, quiet: bool = False) -> dict[str, FileIdentity]:
+    """Every .jpg/.jpeg/.png file under `folder` (recursive, symlinks followed) -> its identity, each file once.
+
+    Odd trees are handled rather than followed blindly, with one warning per kind (unless `quiet`):
+    a link back to a folder above it (a symlink loop) is not followed; a file reached twice (through links, or
+    hard links) is kept once, under its first path in sorted order; an entry that is not a regular file (a FIFO,
+    a device, a socket) or a broken link is skipped, since opening a FIFO would block forever. A folder that
+    cannot be listed raises PermissionError/OSError naming it.
+    """
+    found: list[tuple[str, FileIdentity]] = []
+    loops: list[str] = []
+    skipped: list[str] = []
+
+    def walk(directory: str, ancestors: frozenset[FileIdentity]) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            raise type(error)(error.errno, f"cannot list the dataset folder {directory}: {error.strerror}") from None
+        for entry in entries:
+            try:
+                info = entry.stat()  # follows links (and is free for plain files on most file systems)
+            except OSError:
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped.append(f"{entry.path} (a broken link)")
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if stat.S_ISDIR(info.st_mode):
+                if identity in ancestors:
+                    loops.append(entry.path)
+                else:
+                    walk(entry.path, ancestors | {identity})
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if stat.S_ISREG(info.st_mode):
+                    found.append((entry.path, identity))
+                else:
+                    skipped.append(f"{entry.path} ({_file_kind(info.st_mode)})")
+
+    root = os.stat(folder)
+    walk(folder, frozenset({(root.st_dev, root.st_ino)}))
+    images: dict[str, FileIdentity] = {}
+    first_path: dict[FileIdentity, str] = {}
+    duplicates = []
+    for path, identity in sorted(found):
+        if identity in first_path:
+            duplicates.append(f"{path} (the same file as {first_path[identity]})")
+        else:
+            first_path[identity] = path
+            images[path] = identity
+    if not quiet:
+        if loops:
+            logger.warning(
+                f"{folder}: {len(loops)} link(s) lead back to a folder above them (a symlink loop) and are not "
+                f"followed, e.g. {loops[0]}"
+            )
+        if duplicates:
+            logger.warning(
+                f"{folder}: {len(duplicates)} image(s) are reached twice (through links) and used once, e.g. "
+                f"{duplicates[0]}"
+            )
+        if skipped:
+            logger.warning(
+                f"{folder}: {len(skipped)} entries named like images are skipped because they are not regular "
+                f"files, e.g. {skipped[0]}"
+            )
+    return images
+
+
+def _list_images(folder: str) -> dict[str, FileIdentity]:
+    """Every .jpg/.jpeg/.png under `folder` (recursive, symlinks followed), each file once, in sorted order, with
+    its identity (see `scan_images`); none is an error."""
+    images = scan_images(folder)
+    if not images:
         raise FileNotFoundError(f"no .jpg/.jpeg/.png images found in {folder}; {EXPECTED_LAYOUT}")
-    return sorted(paths)
+    return dict(sorted(images.items()))
+
+
+def check_no_shared_files(
+    split_folder: str, split: str, images: dict[str, FileIdentity], other_split_folders: dict[str, str]
+) -> None:
+    """Raise ValueError when a file of `images` (path -> identity, of `split`) is also an image of another split
+    (through links, or hard links): training images in the evaluation split inflate its recalls."""
+    where = {identity: path for path, identity in images.items()}
+    for other, other_folder in other_split_folders.items():
+        for path, identity in scan_images(other_folder, quiet=True).items():
+            if identity in where:
+                shared = sum(1 for i in scan_images(other_folder, quiet=True).values() if i in where)
+                raise ValueError(
+                    f"{shared} image(s) of the {split} split ({split_folder}) are the same files as images of the "
+                    f"{other} split (through links), e.g. {where[identity]} is {path}: the {split} and {other} "
+                    f"splits must not share images; remove the links"
+                )
 
 
 def _split_folder(datasets_folder: str, dataset_name: str, split: str) -> str:
@@ -275,8 +382,9 @@ class BaseDataset(Dataset):
         if not os.path.isdir(queries_folder):
             raise FileNotFoundError(f"queries folder {queries_folder} does not exist; {EXPECTED_LAYOUT}")
 
-        self.database_paths = _list_images(database_folder)
-        self.queries_paths = _list_images(queries_folder)
+        database_images, query_images = _list_images(database_folder), _list_images(queries_folder)
+        self.database_paths, self.queries_paths = list(database_images), list(query_images)
+        self._check_images_are_not_shared(database_images, query_images, split)
         self.images_paths = self.database_paths + self.queries_paths
         self.database_num = len(self.database_paths)
         self.queries_num = len(self.queries_paths)
@@ -287,6 +395,25 @@ class BaseDataset(Dataset):
             self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
         else:  # --no_labels: any file name; positions, and so positives, are unknown
             self.database_utms = self.queries_utms = self.soft_positives_per_query = None
+
+    def _check_images_are_not_shared(
+        self, database_images: dict[str, FileIdentity], query_images: dict[str, FileIdentity], split: str
+    ) -> None:
+        """No file is both a database image and a query, and the training split shares no file with another split
+        (val and test may share files: some datasets use one for the other)."""
+        database_files = {identity: path for path, identity in database_images.items()}
+        for path, identity in query_images.items():
+            if identity in database_files:
+                raise ValueError(
+                    f"query {path} is the same file as database image {database_files[identity]} (through links): "
+                    "queries and database images must be distinct files"
+                )
+        identities = {**database_images, **query_images}
+        images_folder = os.path.dirname(self.dataset_folder)
+        splits = sorted(d for d in os.listdir(images_folder) if os.path.isdir(os.path.join(images_folder, d)))
+        others = [s for s in splits if s != split] if split == "train" else [s for s in splits if s == "train"]
+        other_folders = {other: os.path.join(images_folder, other) for other in others}
+        check_no_shared_files(self.dataset_folder, split, identities, other_folders)
 
     def positives_within(self, radius: float) -> list[np.ndarray]:
         """For each query, the int64 database indexes within `radius` metres (inclusive), nearest first."""

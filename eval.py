@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,36 +74,48 @@ def log_recalls(
 def main(args: argparse.Namespace) -> dict:
     """Run the evaluation; returns recalls before/after re-ranking, predictions and the run folder.
 
-    A run that fails (a bad folder, image or checkpoint, an interruption) leaves no run folder behind.
+    A run that fails (a bad folder, image or checkpoint, an interruption) before its recalls are known leaves no
+    run folder behind; once they are logged, a later failure (writing the predictions, a full disk, Ctrl-C) keeps
+    the folder with its logs, which say what failed.
     """
     commons.make_deterministic(args.seed)
     device = commons.resolve_device(args.device)
     output_folder = commons.make_run_folder(args.exp_name)
+    results: dict = {"output_folder": output_folder}
     try:
-        return evaluate(args, device, output_folder)
-    except BaseException:
-        commons.close_logging()
-        commons.remove_run_folder(output_folder)
+        return evaluate(args, device, output_folder, results)
+    except BaseException as error:
+        commons.end_failed_run(output_folder, error, keep="baseline_recalls" in results)
         raise
 
 
-def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path) -> dict:
-    """The body of `main`, logging to `output_folder`."""
+def local_features_path(args: argparse.Namespace, output_folder: Path) -> Path:
+    """Where the temporary local-feature file goes: the run folder, or `--local_features_dir` (a name unique to
+    this run, so that runs sharing that folder do not collide)."""
+    if args.local_features_dir is None:
+        return output_folder / "local_features.f16"
+    unique = f"local_features_{args.exp_name}_{output_folder.name}_{os.getpid()}.f16".replace(os.sep, "_")
+    return Path(args.local_features_dir) / unique
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path, results: dict | None = None) -> dict:
+    """The body of `main`, logging to `output_folder`; fills `results` (returned) as results become known."""
+    results = {} if results is None else results
     commons.setup_logging(output_folder)
     commons.log_run_header(args, output_folder)
     dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
     features_extractor, homography_regression = commons.build_models(args, device)
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
-    result = test(args, dataset, features_extractor, homography_regression, device, output_folder)
+    test(args, dataset, features_extractor, homography_regression, device, output_folder, results=results)
     util.save_results(
         output_folder / "results.json",
         args.recall_values,
-        result["baseline_recalls"],
-        result["reranked_recalls"],
+        results["baseline_recalls"],
+        results["reranked_recalls"],
         split=dataset.split,
         dataset=args.dataset_name,
     )
-    return result
+    return results
 
 
 def test(
@@ -112,17 +126,21 @@ def test(
     device: torch.device,
     output_folder: Path,
     rerank: bool = True,
+    results: dict | None = None,
 ) -> dict:
     """Recalls of `dataset` (any split) before and, when `rerank`, after re-ranking; the models end in eval mode.
 
-    Local features go to a temporary file in `output_folder` (only when re-ranking). Returns the dict of `main`
-    (reranked_recalls, reranked_predictions and rerank_scores are None without `rerank`).
+    Local features go to a temporary file in `output_folder` or `--local_features_dir` (only when re-ranking).
+    Fills and returns `results` as they become known (baseline_recalls, predictions, then reranked_recalls,
+    reranked_predictions, rerank_scores; the re-ranked ones are None without `rerank`), with output_folder.
     """
+    results = {} if results is None else results
+    results["output_folder"] = output_folder
     logging.info(f"{dataset.split.capitalize()} set: {dataset}")
 
     store = (
         util.LocalFeatureStore(
-            output_folder / "local_features.f16",
+            local_features_path(args, output_folder),
             len(dataset.images_paths),
             (features_extractor.features_dim, *features_extractor.grid_size),
         )
@@ -141,6 +159,8 @@ def test(
             "database",
         )
         queries_descriptors = query_descriptors(args, features_extractor, dataset, store, device)
+        util.check_finite_descriptors(database_descriptors, dataset.database_paths, "database", args.resume_fe)
+        util.check_finite_descriptors(queries_descriptors, dataset.queries_paths, "query", args.resume_fe)
         descriptors_time = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -155,15 +175,10 @@ def test(
         search_time = time.perf_counter() - start
         positives = dataset.get_positives()  # None with --no_labels
         baseline = log_recalls(f"baseline {dataset.split}: ", predictions, positives, args.recall_values)
+        results.update(baseline_recalls=baseline, predictions=predictions)
         if not rerank:
-            return {
-                "baseline_recalls": baseline,
-                "reranked_recalls": None,
-                "predictions": predictions,
-                "reranked_predictions": None,
-                "rerank_scores": None,
-                "output_folder": output_folder,
-            }
+            results.update(reranked_recalls=None, reranked_predictions=None, rerank_scores=None)
+            return results
 
         start = time.perf_counter()
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
@@ -179,6 +194,7 @@ def test(
         )
         rerank_time = time.perf_counter() - start
         after = log_recalls(f"{dataset.split} after re-ranking - ", reranked, positives, args.recall_values)
+        results.update(reranked_recalls=after, reranked_predictions=reranked, rerank_scores=scores)
         if args.num_preds_to_save:  # the top pair's matches and homography, while the local features are on disk
             saved = visualize.queries_to_save(reranked, positives, args.save_only_wrong_preds)
             geometries = visualize.top_match_geometries(
@@ -205,24 +221,22 @@ def test(
             folder, dataset, saved, predictions, reranked, scores, args.num_preds_to_save, geometries, positives
         )
         logging.info(f"{len(saved)} prediction pictures saved to {folder}")
-    return {
-        "baseline_recalls": baseline,
-        "reranked_recalls": after,
-        "predictions": predictions,
-        "reranked_predictions": reranked,
-        "rerank_scores": scores,
-        "output_folder": output_folder,
-    }
+    return results
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:
     """Parse `argv` (default: the command line), run `main`, and close the run's log files."""
     args = parser.parse_arguments("eval", argv)
+    restore_signal_handlers = commons.install_signal_handlers()
     try:
         return main(args)
     finally:
         commons.close_logging()
+        restore_signal_handlers()
 
 
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except commons.Interrupted as interrupted:
+        sys.exit(128 + interrupted.signum)  # the shell's convention for a process ended by a signal

@@ -9,11 +9,14 @@ the script with a message that names the flag and what was expected.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 
 from model.dhe import PATCH_SIZE
 
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
+MAX_COUNT = 2**31 - 1  # counts, sizes and distances: anything larger is a typo, and overflows faiss or sklearn
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 MINING_METHODS = ("partial", "full", "random", "msls_weighted")
 MAX_PREDS_TO_SAVE = 50  # predictions per row of a picture (--num_preds_to_save); beyond that it is unreadable
@@ -59,7 +62,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--seed", type=int, default=0, help="Seed of every random generator.")
+    group.add_argument("--seed", type=int, default=0, help="Seed of every random generator, 0 to 2**32 - 1.")
     group.add_argument(
         "--exp_name",
         type=str,
@@ -144,6 +147,13 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         "--save_predictions",
         action="store_true",
         help="Write every query's top predictions before and after re-ranking, with scores, to the run folder.",
+    )
+    group.add_argument(
+        "--local_features_dir",
+        type=str,
+        default=None,
+        help="Existing folder for the temporary file of local features (fp16, 2 * 384 * (H/16) * (W/16) bytes an "
+        "image; deleted at the end). Default: the run folder. Its free space is checked before extracting.",
     )
 
 
@@ -344,8 +354,47 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     return parser
 
 
+# (flag, low, high, low inclusive, high inclusive): ranges of the float flags, where the flag exists and is set
+_FLOAT_RANGES = (
+    ("lr", 0.0, math.inf, False, False),
+    ("margin", 0.0, math.inf, True, False),
+    ("qp_threshold", 0.0, math.inf, False, False),
+    ("majority_weight", 0.0, math.inf, True, False),
+    ("brightness", 0.0, math.inf, True, False),
+    ("contrast", 0.0, math.inf, True, False),
+    ("saturation", 0.0, math.inf, True, False),
+    ("hue", 0.0, 0.5, True, True),
+    ("rand_perspective", 0.0, 1.0, True, True),
+    ("random_resized_crop", 0.0, 1.0, True, False),
+    ("random_rotation", 0.0, 180.0, True, True),
+)
+
+
+def _check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every float flag finite, every int flag within int32 (seed: numpy's 0 .. 2**32 - 1), then per-flag ranges."""
+    for name, value in sorted(vars(args).items()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                parser.error(f"--{name} {item}: must be a finite number")
+            if isinstance(item, int) and not isinstance(item, bool) and name != "seed" and abs(item) > MAX_COUNT:
+                parser.error(f"--{name} {item}: must be at most {MAX_COUNT} in absolute value")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        parser.error(f"--seed {args.seed}: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (numpy's seed range)")
+    for name, low, high, low_inclusive, high_inclusive in _FLOAT_RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        above = value >= low if low_inclusive else value > low
+        below = value <= high if high_inclusive else value < high
+        if not (above and below):
+            interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+            parser.error(f"--{name} {value}: must be in {interval}")
+
+
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Validate parsed values; `parser.error` (exit 2) names the flag and what was expected."""
+    _check_numbers(args, parser)
     height, width = args.resize
     if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
         parser.error(f"--resize {height} {width}: each side must be a positive multiple of {PATCH_SIZE}")
@@ -380,8 +429,11 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):
         parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
-    if getattr(args, "lr", 1.0) <= 0:
-        parser.error(f"--lr {args.lr}: must be positive")
+    if getattr(args, "patience", 1) <= 0:
+        parser.error(f"--patience {args.patience}: must be a positive integer")
+    local_features_dir = getattr(args, "local_features_dir", None)
+    if local_features_dir is not None and not os.path.isdir(local_features_dir):
+        parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
     if hasattr(args, "queries_per_epoch") and args.queries_per_epoch % args.cache_refresh_rate != 0:
         parser.error(
             f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "
@@ -389,8 +441,6 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
     if getattr(args, "l2", "before_pool") != "before_pool":
         parser.error(f"--l2 {args.l2}: only before_pool exists in DHE-VPR's features extractor (L2 -> GeM)")
-    if hasattr(args, "qp_threshold") and args.qp_threshold <= 0:
-        parser.error(f"--qp_threshold {args.qp_threshold}: must be positive")
     if args.datasets_folder is None:
         args.datasets_folder = os.environ.get("DATASETS_FOLDER")
         if args.datasets_folder is None:

@@ -34,7 +34,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from interrupts import Interrupted, install_signal_handlers
 
 SPLITS = ("train", "val", "test")
 UTM_ZONE = 33
@@ -1158,14 +1163,74 @@ def _generate_split(
 
 
 def _check_destination(out_dir: Path, name: str, overwrite: bool) -> None:
-    """Raise ValueError for a ``name`` that is not a plain folder name, FileExistsError for an occupied one."""
+    """Raise ValueError for a ``name`` that is not a plain folder name or an ``out_dir`` that is (or lies inside)
+    a file, FileExistsError for an occupied name."""
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a plain folder name, got {name!r}")
+    existing = Path(out_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == Path(out_dir) else f"lies inside {existing}, which is"
+        raise ValueError(f"the output folder {out_dir} (--out) {where} a file, not a folder")
     final = out_dir / name
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise FileExistsError(
             f"{final} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _handle_leftovers(out_dir: Path, name: str, overwrite: bool) -> None:
+    """Deal with the temporary folders of other runs on ``name``: a live run's is a conflict (FileExistsError,
+    unless ``overwrite``), a dead run's (killed, e.g. with SIGKILL, before it could clean up) is removed."""
+    for leftover in sorted(out_dir.glob(f".{name}.partial-*")) + sorted(out_dir.glob(f".{name}.old-*")):
+        pid_text = leftover.name.rsplit("-", 1)[-1]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
+            if overwrite or ".old-" in leftover.name:
+                continue
+            raise FileExistsError(
+                f"another run (process {pid}) is writing {out_dir / name} right now ({leftover}); wait for it, pass "
+                "--overwrite to replace its result, or pick another --name (if no such run is going, delete "
+                f"{leftover})"
+            )
+        logging.getLogger(__name__).warning(f"Removing {leftover}, left behind by an interrupted run")
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def check_contact_sheet_path(path: Path | str) -> None:
+    """Raise ValueError when a contact sheet cannot be written to ``path`` (a folder, a file as its parent, or an
+    extension whose image format Pillow cannot write as a palette image), before any time is spent."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"contact sheet {path} is a folder; give a file name such as {path / 'samples.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"contact sheet {path}: {parent} is a file, not a folder")
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise ValueError(
+            f"contact sheet {path}: Pillow cannot write {path.suffix or 'files without an extension'}; use .png"
+        )
+    try:
+        Image.new("P", (2, 2)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"contact sheet {path}: cannot write a {image_format} sheet ({error}); use .png") from None
 
 
 def generate_world(
@@ -1190,7 +1255,9 @@ def generate_world(
     of them, and a library of a dozen, make places that only the arrangement of their facades tells apart). The
     world is written into a temporary sibling folder that is renamed at
     the end, so a failure leaves nothing behind; an existing non-empty ``out_dir / name`` raises FileExistsError
-    unless ``overwrite``.
+    unless ``overwrite``, and so does another run writing the same name (seen at the start by its temporary
+    folder, or at the end by the rename). Temporary folders of runs that were killed before they could clean up
+    are removed.
     """
     check_world_arguments(image_size, database_per_split, queries_per_split, images_per_street, database_spacing)
     check_repetition_arguments(shared_fraction, num_shared_buildings)
@@ -1198,9 +1265,8 @@ def generate_world(
     _check_destination(out_dir, name, overwrite)
     final = out_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    _handle_leftovers(out_dir, name, overwrite)
     staging = out_dir / f".{name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
     try:
         world_rng = np.random.default_rng([seed, 1_000])
         shared_buildings = [int(s) for s in world_rng.integers(2**31, size=NUM_SHARED_BUILDINGS)]
@@ -1228,7 +1294,7 @@ def generate_world(
                 shared_fraction,
             )
             region_east += extent + SPLIT_GAP_M
-        if final.exists():  # swap, so that the old world is only removed once the new one is in place
+        if overwrite and final.exists():  # swap, so that the old world is only removed once the new one is in place
             retired = out_dir / f".{name}.old-{os.getpid()}"
             final.rename(retired)
             staging.rename(final)
@@ -1237,7 +1303,14 @@ def generate_world(
             else:
                 retired.unlink()
         else:
-            staging.rename(final)
+            try:  # atomic: fills an empty folder, fails on one that another run filled meanwhile
+                staging.rename(final)
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise FileExistsError(
+                    f"{final} was written by another run meanwhile; pass overwrite=True (--overwrite) to replace it"
+                ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1417,18 +1490,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
         check_world_arguments(**sizes)
         check_repetition_arguments(args.shared_fraction, args.shared_buildings)
         _check_destination(args.out, args.name, args.overwrite)
+        if args.contact_sheet is not None:
+            check_contact_sheet_path(args.contact_sheet)
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
     start = time.perf_counter()
-    world = generate_world(
-        args.out,
-        args.name,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        shared_fraction=args.shared_fraction,
-        num_shared_buildings=args.shared_buildings,
-        **sizes,
-    )
+    # SIGTERM and SIGHUP clean up like Ctrl-C: the temporary folder is removed
+    restore_signal_handlers = install_signal_handlers()
+    try:
+        world = generate_world(
+            args.out,
+            args.name,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            shared_fraction=args.shared_fraction,
+            num_shared_buildings=args.shared_buildings,
+            **sizes,
+        )
+    finally:
+        restore_signal_handlers()
     elapsed = time.perf_counter() - start
     counts = []
     for split in SPLITS:
@@ -1442,4 +1522,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main(sys.argv[1:])
+    except Interrupted as interrupted:
+        sys.exit(128 + interrupted.signum)  # the shell's convention for a process ended by a signal

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 __all__ = [
     "LocalFeatureStore",
     "extract_features",
+    "check_finite_descriptors",
     "search",
     "merge_crop_predictions",
     "compute_recalls",
@@ -50,8 +53,26 @@ def _glibc_malloc_trim() -> Callable[[], None]:
 release_freed_memory = _glibc_malloc_trim()
 
 
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_MOVE_HINT = "free some space, or put the file on another disk with --local_features_dir DIR"
+
+
+def _file_size_limit() -> int | None:
+    """The soft RLIMIT_FSIZE in bytes (`ulimit -f`), or None when there is none (or no `resource`, on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 class LocalFeatureStore:
     """Fixed-size float16 records of local features (C, h, w), one per image index, in a file.
+
+    The file's final size (`size_bytes`) is known at the start: the free space of its disk and the file-size limit
+    are checked before anything is extracted, and a write that fails later for lack of space raises the same clear
+    OSError (ENOSPC/EFBIG) naming the file, the size and `--local_features_dir`.
 
     Args:
         path: the file; created (truncated) here and deleted by `close(delete=True)`.
@@ -64,8 +85,38 @@ class LocalFeatureStore:
         self.num_records = num_records
         self.feature_shape = tuple(feature_shape)
         self.record_bytes = int(np.prod(self.feature_shape)) * 2
+        self.size_bytes = self.record_bytes * num_records
+        self._fd = None
+        self._check_room()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.record_bytes * num_records)
+        try:
+            os.ftruncate(self._fd, self.size_bytes)
+        except OSError as error:
+            self.close()
+            if error.errno in _OUT_OF_SPACE:
+                raise self._out_of_space(error) from error
+            raise
+
+    def _need(self) -> str:
+        return (
+            f"the local features of {self.num_records} images need {self.size_bytes / 1e9:.3g} GB "
+            f"({self.size_bytes} bytes) in {self.path}"
+        )
+
+    def _check_room(self) -> None:
+        limit = _file_size_limit()
+        if limit is not None and self.size_bytes > limit:
+            raise OSError(
+                errno.EFBIG,
+                f"{self._need()}, more than this process's file-size limit of {limit} bytes (ulimit -f); raise the "
+                f"limit, or put the file where another limit applies with --local_features_dir DIR",
+            )
+        free = shutil.disk_usage(self.path.parent).free
+        if free < self.size_bytes:
+            raise OSError(errno.ENOSPC, f"{self._need()}, but only {free / 1e9:.3g} GB are free there; {_MOVE_HINT}")
+
+    def _out_of_space(self, error: OSError) -> OSError:
+        return OSError(error.errno, f"writing {self.path} failed ({error.strerror}): {self._need()}; {_MOVE_HINT}")
 
     def write(self, indexes: Sequence[int], features: Tensor) -> None:
         """Store features (B, C, h, w) at `indexes` (B,)."""
@@ -77,7 +128,14 @@ class LocalFeatureStore:
         array = features.detach().to("cpu", torch.float16).numpy()
         for index, record in zip(indexes, array):
             self._check_index(int(index))
-            os.pwrite(self._fd, record.tobytes(), int(index) * self.record_bytes)
+            try:
+                written = os.pwrite(self._fd, record.tobytes(), int(index) * self.record_bytes)
+            except OSError as error:
+                if error.errno in _OUT_OF_SPACE:
+                    raise self._out_of_space(error) from error
+                raise
+            if written != self.record_bytes:  # a short write: the disk filled up during this one
+                raise self._out_of_space(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
     def read(self, indexes: Sequence[int]) -> Tensor:
         """Features (B, C, h, w) float16 of `indexes` (B,)."""
@@ -141,6 +199,24 @@ def extract_features(
             release_freed_memory()
     features_extractor.train(was_training)
     return np.concatenate(descriptors).astype(np.float32, copy=False)
+
+
+def check_finite_descriptors(
+    descriptors: np.ndarray, paths: Sequence[str], what: str, checkpoint: str | None = None
+) -> None:
+    """Raise ValueError naming the images whose descriptors (N * K, D) (K rows per path) are NaN or infinite.
+
+    Non-finite descriptors come from non-finite weights or an overflow; faiss would rank them arbitrarily.
+    """
+    rows = ~np.isfinite(descriptors).all(axis=1)
+    if rows.any():
+        per_path = max(1, len(descriptors) // max(1, len(paths)))
+        images = np.unique(np.flatnonzero(rows) // per_path)
+        source = f"the checkpoint {checkpoint}" if checkpoint else "its (random) initialisation"
+        raise ValueError(
+            f"the features extractor gave non-finite (NaN or infinite) {what} descriptors for {len(images)} of "
+            f"{len(paths)} images, e.g. {paths[images[0]]}; check its weights ({source}), and try without --amp"
+        )
 
 
 def search(database_descriptors: np.ndarray, queries_descriptors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +314,8 @@ def rerank_predictions(
     Returns:
         (reranked predictions (Q, k), scores (Q, num_reranked') of the reranked head), num_reranked' =
         min(num_reranked, k). Predictions beyond num_reranked' keep their order. Ties are ordered as the original
-        (`argsort()[::-1]` of the scores).
+        (`argsort()[::-1]` of the scores), except when every score of a query ties (e.g. all 0: a grid too small
+        for 4 matches): that query keeps its global order, with a warning, instead of getting it reversed.
     """
     from model.homography import rerank_scores
 
@@ -249,6 +326,7 @@ def rerank_predictions(
     # Queries go in groups that fill a batch of pairs (one query when it has batch_size candidates or more), so
     # that memory holds at most max(batch_size, num_reranked) candidate maps.
     group = max(1, batch_size // num_reranked)
+    tied_queries = 0
     with torch.inference_mode(), tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar:
         for start in range(0, len(query_indexes), group):
             rows = slice(start, start + group)
@@ -258,11 +336,35 @@ def rerank_predictions(
             local_candidates = local_candidates.view(*candidates.shape, *local_candidates.shape[1:])
             scores = rerank_scores(homography_regression, local_queries, local_candidates, batch_size, amp)
             scores = scores.double().cpu().numpy()
-            order = scores.argsort(axis=1)[:, ::-1]
+            order, tied = _rerank_order(scores)
+            tied_queries += int(tied.sum())
             reranked[rows, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
             all_scores[rows] = np.take_along_axis(scores, order, axis=1)
             bar.update(len(candidates))
+    if tied_queries and num_reranked > 1:
+        logging.warning(
+            f"For {tied_queries} of {len(query_indexes)} queries every re-ranked candidate got the same score: they "
+            f"keep their global order. Equal scores of 0 mean fewer than 4 mutual matches (a --resize grid too "
+            f"small) or DHE head outputs that are not finite."
+        )
     return reranked, all_scores
+
+
+def _rerank_order(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order (G, K) of the candidates by descending score (G, K), ties as the original's `argsort()[::-1]`, and
+    which rows tie everywhere (G,) bool: those keep the global order (0 .. K-1) rather than a reversed one.
+
+    Raises ValueError on a non-finite score, which no order could rank meaningfully.
+    """
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            "the DHE re-ranking scores are not finite (NaN or infinite): check the --resume_hr weights, and try "
+            "without --amp"
+        )
+    order = np.ascontiguousarray(scores.argsort(axis=1)[:, ::-1])
+    tied = (scores == scores[:, :1]).all(axis=1)
+    order[tied] = np.arange(scores.shape[1])
+    return order, tied
 
 
 def save_predictions(
@@ -278,11 +380,12 @@ def save_predictions(
 
     Columns: query_index, query_path, stage ("global" or "reranked"), rank, database_index, database_path, score
     (squared L2 descriptor distance for "global", DHE inlier count for "reranked"; empty past the re-ranked head).
+    The file is UTF-8; a path that is not valid UTF-8 is written as its exact bytes, so it still names the file.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with open(temporary, "w", newline="") as file:
+        with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as file:
             writer = csv.writer(file)
             writer.writerow(["query_index", "query_path", "stage", "rank", "database_index", "database_path", "score"])
             for query, query_path in enumerate(queries_paths):

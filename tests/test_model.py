@@ -251,7 +251,7 @@ def test_checkpoint_of_the_wrong_part_is_named(checkpoint_keys):
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.torch"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint .*broken.torch"):
+    with pytest.raises(ValueError, match="checkpoint .*broken.torch is a text file"):
         load_homography_regression(HomographyRegression(), path)
     with pytest.raises(FileNotFoundError, match="missing.torch"):
         load_homography_regression(HomographyRegression(), tmp_path / "missing.torch")
