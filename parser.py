@@ -429,8 +429,6 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):
         parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
-    if getattr(args, "patience", 1) <= 0:
-        parser.error(f"--patience {args.patience}: must be a positive integer")
     local_features_dir = getattr(args, "local_features_dir", None)
     if local_features_dir is not None and not os.path.isdir(local_features_dir):
         parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -497,7 +498,7 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
     """Parse `argv`, run `main(args)`; bad input and non-finite losses end with a one-line error and exit code 1."""
     import parser as flags
 
-    commons.install_signal_handlers()
+    restore_signal_handlers = commons.install_signal_handlers()
     args = flags.parse_arguments(script, argv)
     try:
         return main(args)
@@ -505,7 +506,10 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
         print(f"{script}.py: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt as error:
-        print(f"{script}.py: interrupted ({error or 'Ctrl-C'})", file=sys.stderr)
-        raise SystemExit(130) from None
+        # Ctrl-C, or SIGTERM / SIGHUP turned into commons.Interrupted; the exit code is the shell's 128 + signal
+        signal_name = getattr(error, "signal_name", "SIGINT (Ctrl-C)")
+        print(f"{script}.py: interrupted by {signal_name}", file=sys.stderr)
+        raise SystemExit(128 + getattr(error, "signum", signal.SIGINT)) from None
     finally:
         commons.close_logging()
+        restore_signal_handlers()
