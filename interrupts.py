@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["Interrupted", "install_signal_handlers", "pipe_safe"]
 
@@ -36,7 +37,7 @@ class _PipeSafeStream:
     logging to its files.
     """
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self.broken = False
 
@@ -67,7 +68,7 @@ class _PipeSafeStream:
         return getattr(self._stream, name)
 
 
-def pipe_safe(stream):
+def pipe_safe(stream: TextIO | None) -> TextIO | None:
     """`stream` wrapped so that a broken pipe never raises (see `_PipeSafeStream`); wrapping twice is a no-op."""
     return stream if isinstance(stream, _PipeSafeStream) or stream is None else _PipeSafeStream(stream)
 
