@@ -166,6 +166,20 @@ def test_a_failure_after_the_recalls_keeps_the_run_folder_and_says_what_failed(t
     assert not (folder / "local_features.f16").exists()
 
 
+def test_an_interruption_after_the_recalls_keeps_the_run_folder(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args):
+        raise commons.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(util, "save_predictions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.cli(eval_argv(tiny_world, "--save_predictions"))
+    (folder,) = run_folders(tmp_path)
+    info = (folder / "info.log").read_text()
+    assert "test after re-ranking - R@1" in info and "The run was interrupted (SIGTERM)" in info
+
+
 def test_a_failure_before_the_recalls_leaves_nothing(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(util, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -404,6 +418,7 @@ def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
         ("finetune", ["--patience", "0"], "--patience 0: must be a positive integer"),
         ("train_dhe", ["--qp_threshold", "-0.1"], "--qp_threshold -0.1: must be in (0, inf)"),
         ("train_dhe", ["--qp_threshold", "nan"], "--qp_threshold nan: must be a finite number"),
+        ("eval", ["--local_features_dir", "/nonexistent/scratch"], "/nonexistent/scratch: not an existing folder"),
     ],
 )
 def test_numeric_flags_are_range_checked(script, argv, message, capsys):
