@@ -311,12 +311,28 @@ def _database_folder(split_folder: str) -> str:
     gallery_folder = os.path.join(split_folder, "gallery")
     has_database, has_gallery = os.path.isdir(database_folder), os.path.isdir(gallery_folder)
     if has_database and has_gallery:
-        raise ValueError(
-            f"{split_folder} holds both database/ and gallery/, which are two names for the same thing: keep one"
-        )
+        # The original's data had both, one a link to (or a copy of) the other: accept that, refuse two databases.
+        if not _same_images(database_folder, gallery_folder):
+            raise ValueError(
+                f"{split_folder} holds both database/ and gallery/ with different images; they are two names for "
+                "the same thing: keep one"
+            )
+        logger.info(f"{split_folder} holds database/ and gallery/ with the same images: using database/")
+        return database_folder
     if not (has_database or has_gallery):
         raise FileNotFoundError(f"database folder {database_folder} (or gallery/) does not exist; {EXPECTED_LAYOUT}")
     return database_folder if has_database else gallery_folder
+
+
+def _same_images(folder_a: str, folder_b: str) -> bool:
+    """Whether two folders are one (a link) or hold the same image files (same relative names and sizes)."""
+    if os.path.realpath(folder_a) == os.path.realpath(folder_b):
+        return True
+
+    def listing(folder: str) -> list[tuple[str, int]]:
+        return sorted((os.path.relpath(p, folder), os.path.getsize(p)) for p in _list_images(folder))
+
+    return listing(folder_a) == listing(folder_b)
 
 
 def _global_descriptors(args: argparse.Namespace, model: nn.Module, images: Dataset) -> np.ndarray:
@@ -341,7 +357,10 @@ class BaseDataset(Dataset):
 
     Attributes: database_paths, queries_paths, images_paths (database then queries), database_num, queries_num,
     database_utms (database_num, 2), queries_utms (queries_num, 2), soft_positives_per_query (for each query the
-    database indexes within `args.val_positive_dist_threshold` metres, nearest first).
+    database indexes within `args.val_positive_dist_threshold` metres, nearest first), labelled.
+
+    With `args.no_labels` (eval.py --no_labels) file names need not carry a position: `labelled` is False and
+    database_utms, queries_utms and soft_positives_per_query are None. Otherwise every name must parse.
     """
 
     def __init__(
@@ -366,12 +385,16 @@ class BaseDataset(Dataset):
         database_images, query_images = _list_images(database_folder), _list_images(queries_folder)
         self.database_paths, self.queries_paths = list(database_images), list(query_images)
         self._check_images_are_not_shared(database_images, query_images, split)
-        self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
-        self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
         self.images_paths = self.database_paths + self.queries_paths
         self.database_num = len(self.database_paths)
         self.queries_num = len(self.queries_paths)
-        self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+        self.labelled = not getattr(args, "no_labels", False)
+        if self.labelled:
+            self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
+            self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
+            self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+        else:  # --no_labels: any file name; positions, and so positives, are unknown
+            self.database_utms = self.queries_utms = self.soft_positives_per_query = None
 
     def _check_images_are_not_shared(
         self, database_images: dict[str, FileIdentity], query_images: dict[str, FileIdentity], split: str
@@ -394,14 +417,17 @@ class BaseDataset(Dataset):
 
     def positives_within(self, radius: float) -> list[np.ndarray]:
         """For each query, the int64 database indexes within `radius` metres (inclusive), nearest first."""
+        if not self.labelled:
+            raise ValueError(f"{self.dataset_folder} was opened without labels (--no_labels): it has no positives")
         # kd_tree measures exact distances; brute force on UTM-sized numbers loses precision to cancellation
         knn = NearestNeighbors(algorithm="kd_tree").fit(self.database_utms)
         distances, indexes = knn.radius_neighbors(self.queries_utms, radius=radius, return_distance=True)
         # lexsort: by distance, then by index, so that ties come out the same on every run
         return [i[np.lexsort((i, d))].astype(np.int64) for d, i in zip(distances, indexes)]
 
-    def get_positives(self) -> list[np.ndarray]:
-        """`soft_positives_per_query`: for each query the database indexes within the evaluation threshold."""
+    def get_positives(self) -> list[np.ndarray] | None:
+        """`soft_positives_per_query`: for each query the database indexes within the evaluation threshold (None
+        without labels)."""
         return self.soft_positives_per_query
 
     def hard_resized(self, index: int) -> Tensor:
@@ -463,9 +489,9 @@ class TripletsDataset(BaseDataset):
     Call `compute_triplets(args, model)` before iterating: it samples `args.cache_refresh_rate` queries. Then
     `dataset[i]` is (images (2+N, 3, H, W) = query, positive, N negatives; triplets_local_indexes (N, 3) int64 rows
     (0, 1, 2+n); triplets_global_indexes (2+N,) int64 = query index, database indexes of positive and negatives),
-    with N = negs_num_per_query. The query gets the augmentations of the flags; with --horizontal_flip a whole
-    item (query, positive and negatives together) is flipped or not, so the query and its positive keep the same
-    geometry.
+    with N = negs_num_per_query. The query gets the augmentations of the flags, then PIL's (antialiased) resize;
+    positives and negatives PIL's resize, as the original. `--horizontal_flip` is applied by the training loop to a
+    whole batch, as the original.
     """
 
     def __init__(
@@ -481,7 +507,6 @@ class TripletsDataset(BaseDataset):
         self.neg_samples_num = args.neg_samples_num
         self.negs_num_per_query = args.negs_num_per_query if negs_num_per_query is None else negs_num_per_query
         self.rng = np.random.default_rng(args.seed)
-        self.horizontal_flip = bool(getattr(args, "horizontal_flip", False))
         self.query_augmentation = _query_augmentation(args, self.resize)
 
         self.hard_positives_per_query = self.positives_within(args.train_positives_dist_threshold)
@@ -625,13 +650,17 @@ class TripletsDataset(BaseDataset):
         global_indexes = self.triplets_global_indexes[index]
         query_index, positive_index = int(global_indexes[0]), int(global_indexes[1])
         query = self.query_augmentation(open_rgb_image(self.queries_paths[query_index]))
-        others = [self.hard_resized(int(i)) for i in (positive_index, *global_indexes[2:])]
+        others = [self.training_resized(int(i)) for i in (positive_index, *global_indexes[2:])]
         images = torch.stack([query, *others])
-        if self.horizontal_flip and torch.rand(()) < 0.5:
-            images = images.flip(-1)
         negatives = torch.arange(2, len(global_indexes))
         local_indexes = torch.stack([torch.zeros_like(negatives), torch.ones_like(negatives), negatives], dim=1)
         return images, local_indexes, global_indexes
+
+    def training_resized(self, database_index: int) -> Tensor:
+        """Database image (3, H, W) for a training triplet: PIL's antialiased bilinear resize, as the original's
+        `T.Resize` on PIL images (the descriptors for mining use `hard_resized`, without antialiasing)."""
+        image = open_rgb_image(self.database_paths[database_index])
+        return _normalize(TF.to_tensor(TF.resize(image, list(self.resize), antialias=True)))
 
     def __len__(self) -> int:
         return len(self.triplets_global_indexes)
@@ -668,14 +697,32 @@ class QueryPositivePairs(Dataset):
 
     Attributes: `pairs` (P, 2) int64 rows (query index, database index); `distances` (P,) float32 (the squared
     descriptor distances; NaN in gt mode). `dataset[i]` is (query (3, H, W), positive (3, H, W)), each an independent
-    RandomResizedCrop(args.resize, scale=(0.7, 1)) of the image, normalised; the crops draw from torch's global RNG.
+    RandomResizedCrop(args.resize, scale=(0.7, 1)) of the image without antialiasing (as the original), normalised;
+    the crops draw from torch's global RNG. `pairs` (P, 2), when given, are used as they are (nothing computed).
     """
 
-    def __init__(self, args: argparse.Namespace, dataset: BaseDataset, model: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        dataset: BaseDataset,
+        model: nn.Module | None = None,
+        pairs: np.ndarray | None = None,
+    ) -> None:
         super().__init__()
         self.dataset = dataset
         self.qp_mode = args.qp_mode
-        self.crop = T.RandomResizedCrop(size=list(args.resize), scale=QP_CROP_SCALE)
+        # on tensors and without antialiasing, as the original's crops (torchvision 0.9 resized tensors so)
+        self.crop = T.RandomResizedCrop(size=list(args.resize), scale=QP_CROP_SCALE, antialias=False)
+        if pairs is not None:  # pairs made earlier (by another process, or before a resumed run)
+            self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+            if (
+                len(self.pairs) == 0
+                or self.pairs[:, 0].max() >= dataset.queries_num
+                or (self.pairs[:, 1].max() >= dataset.database_num)
+            ):
+                raise ValueError(f"the {len(self.pairs)} given query-positive pairs do not fit {dataset}")
+            self.distances = np.full(len(self.pairs), np.nan, dtype=np.float32)
+            return
         if self.qp_mode == "gt":
             # as the original's msls mode: the evaluation positives (soft, 25 m by default)
             positives = dataset.get_positives()

@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 import commons
 import parser
 import util
+import visualize
 from datasets_ws import BaseDataset
 from model import FeaturesExtractor
 
@@ -33,17 +34,20 @@ def query_descriptors(
     args: argparse.Namespace,
     features_extractor: FeaturesExtractor,
     dataset: BaseDataset,
-    store: util.LocalFeatureStore,
+    store: util.LocalFeatureStore | None,
     device: torch.device,
 ) -> np.ndarray:
     """Global descriptors of the queries per `--test_method` ((Q, D), or (Q * 5, D) for nearest_crop and
-    maj_voting); the hard-resized queries' local features go to `store` in every case."""
+    maj_voting); the hard-resized queries' local features go to `store`, when given, in every case."""
     query_indexes = range(dataset.database_num, dataset.database_num + dataset.queries_num)
     hard_resized = dataset.hard_resized_images(query_indexes)
     batch_size, workers = args.infer_batch_size, args.num_workers
     if args.test_method == "hard_resize":
         return util.extract_features(features_extractor, hard_resized, device, batch_size, workers, store, "queries")
-    util.extract_features(features_extractor, hard_resized, device, batch_size, workers, store, "query local features")
+    if store is not None:
+        util.extract_features(
+            features_extractor, hard_resized, device, batch_size, workers, store, "query local features"
+        )
     dataset.test_method = args.test_method
     # single_query keeps each query's aspect ratio, so queries of different sizes cannot share a batch.
     query_batch_size = 1 if args.test_method == "single_query" else batch_size
@@ -53,6 +57,18 @@ def query_descriptors(
     if args.test_method == "five_crops":
         descriptors = descriptors.reshape(dataset.queries_num, NUM_CROPS, -1).mean(axis=1)
     return descriptors
+
+
+def log_recalls(
+    prefix: str, predictions: np.ndarray, positives: list[np.ndarray] | None, recall_values: Sequence[int]
+) -> np.ndarray | None:
+    """Recall@N of `predictions` (None without labels), logged after `prefix`."""
+    if positives is None:
+        logging.info(f"{prefix}no labels (--no_labels): recalls not computed")
+        return None
+    recalls = util.compute_recalls(predictions, positives, recall_values)
+    logging.info(f"{prefix}{util.recalls_to_str(recalls, recall_values)}")
+    return recalls
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -89,13 +105,47 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
     commons.log_run_header(args, output_folder)
     dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
     features_extractor, homography_regression = commons.build_models(args, device)
-    logging.info(f"Test set: {dataset}")
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
+    test(args, dataset, features_extractor, homography_regression, device, output_folder, results=results)
+    util.save_results(
+        output_folder / "results.json",
+        args.recall_values,
+        results["baseline_recalls"],
+        results["reranked_recalls"],
+        split=dataset.split,
+        dataset=args.dataset_name,
+    )
+    return results
 
-    store = util.LocalFeatureStore(
-        local_features_path(args, output_folder),
-        len(dataset.images_paths),
-        (features_extractor.features_dim, *features_extractor.grid_size),
+
+def test(
+    args: argparse.Namespace,
+    dataset: BaseDataset,
+    features_extractor: FeaturesExtractor,
+    homography_regression: torch.nn.Module,
+    device: torch.device,
+    output_folder: Path,
+    rerank: bool = True,
+    results: dict | None = None,
+) -> dict:
+    """Recalls of `dataset` (any split) before and, when `rerank`, after re-ranking; the models end in eval mode.
+
+    Local features go to a temporary file in `output_folder` or `--local_features_dir` (only when re-ranking).
+    Fills and returns `results` as they become known (baseline_recalls, predictions, then reranked_recalls,
+    reranked_predictions, rerank_scores; the re-ranked ones are None without `rerank`), with output_folder.
+    """
+    results = {} if results is None else results
+    results["output_folder"] = output_folder
+    logging.info(f"{dataset.split.capitalize()} set: {dataset}")
+
+    store = (
+        util.LocalFeatureStore(
+            local_features_path(args, output_folder),
+            len(dataset.images_paths),
+            (features_extractor.features_dim, *features_extractor.grid_size),
+        )
+        if rerank
+        else None
     )
     try:
         start = time.perf_counter()
@@ -114,7 +164,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         descriptors_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        num_predictions = max(max(args.recall_values), args.num_reranked_preds)
+        num_predictions = max(max(args.recall_values), args.num_reranked_preds, args.num_preds_to_save)
         distances, predictions = util.search(database_descriptors, queries_descriptors, num_predictions)
         if args.test_method in ("nearest_crop", "maj_voting"):
             num_predictions = predictions.shape[1]
@@ -123,10 +173,12 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
             )
             distances = np.full(predictions.shape, np.nan, dtype=np.float32)  # crops' distances do not merge
         search_time = time.perf_counter() - start
-        positives = dataset.get_positives()
-        baseline = util.compute_recalls(predictions, positives, args.recall_values)
-        logging.info(f"baseline test: {util.recalls_to_str(baseline, args.recall_values)}")
+        positives = dataset.get_positives()  # None with --no_labels
+        baseline = log_recalls(f"baseline {dataset.split}: ", predictions, positives, args.recall_values)
         results.update(baseline_recalls=baseline, predictions=predictions)
+        if not rerank:
+            results.update(reranked_recalls=None, reranked_predictions=None, rerank_scores=None)
+            return results
 
         start = time.perf_counter()
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
@@ -141,23 +193,34 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
             args.amp,
         )
         rerank_time = time.perf_counter() - start
-        after = util.compute_recalls(reranked, positives, args.recall_values)
-        logging.info(f"test after re-ranking - {util.recalls_to_str(after, args.recall_values)}")
+        after = log_recalls(f"{dataset.split} after re-ranking - ", reranked, positives, args.recall_values)
         results.update(reranked_recalls=after, reranked_predictions=reranked, rerank_scores=scores)
+        if args.num_preds_to_save:  # the top pair's matches and homography, while the local features are on disk
+            saved = visualize.queries_to_save(reranked, positives, args.save_only_wrong_preds)
+            geometries = visualize.top_match_geometries(
+                homography_regression, store, saved + dataset.database_num, reranked[saved, 0],
+                args.infer_batch_size, device, args.amp,
+            )  # fmt: skip
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
     logging.info(
         f"Time: descriptors {descriptors_time:.1f} s, search {search_time:.2f} s, re-ranking {rerank_time:.1f} s "
         f"({dataset.queries_num * min(args.num_reranked_preds, predictions.shape[1]) / rerank_time:.1f} pairs/s)"
     )
-    if args.save_predictions:
+    if args.save_predictions or args.no_labels:
         path = output_folder / "predictions.csv"
         util.save_predictions(
             path, dataset.queries_paths, dataset.database_paths, predictions, distances, reranked, scores
         )
         logging.info(f"Predictions saved to {path}")
-    results["output_folder"] = output_folder
+    if args.num_preds_to_save:
+        folder = output_folder / "preds"
+        visualize.save_prediction_pictures(
+            folder, dataset, saved, predictions, reranked, scores, args.num_preds_to_save, geometries, positives
+        )
+        logging.info(f"{len(saved)} prediction pictures saved to {folder}")
     return results
 
 

@@ -22,7 +22,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {self.signal_name}")
+        super().__init__(f"received {self.signal_name}")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

@@ -1,8 +1,9 @@
 """Command-line flags of `eval.py`, `finetune.py` and `train_dhe.py`.
 
 The flags and their defaults are those of the original DHE-VPR scripts; `--device`, `--amp`, `--pretrained_cct`,
-`--qp_mode` and `--save_predictions` are new. Every value is checked after parsing, and a bad one stops the script
-with a message that names the flag and what was expected.
+`--qp_mode`, `--save_predictions`, `--resume_train`, `--rei_weight` and `--rerank_val_from_epoch` are new, and
+`--patience` is opt-in (the original never stopped early). Every value is checked after parsing, and a bad one stops
+the script with a message that names the flag and what was expected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
 MAX_COUNT = 2**31 - 1  # counts, sizes and distances: anything larger is a typo, and overflows faiss or sklearn
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 MINING_METHODS = ("partial", "full", "random", "msls_weighted")
+MAX_PREDS_TO_SAVE = 50  # predictions per row of a picture (--num_preds_to_save); beyond that it is unreadable
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +157,31 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation outputs")
+    group.add_argument(
+        "--num_preds_to_save",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Save a picture per query into preds/ in the run folder: the query, its top N predictions before and "
+        "after re-ranking (framed green if correct, red if wrong, grey without labels; distance in metres, inlier "
+        "score), and the matches and DHE homography of the top candidate after re-ranking. 0: none; at most "
+        f"{MAX_PREDS_TO_SAVE}.",
+    )
+    group.add_argument(
+        "--save_only_wrong_preds",
+        action="store_true",
+        help="With --num_preds_to_save: only the queries whose top prediction after re-ranking is wrong.",
+    )
+    group.add_argument(
+        "--no_labels",
+        action="store_true",
+        help="The images' file names carry no position (any name is accepted): no recalls are computed, and the "
+        "predictions are saved to predictions.csv (and pictures with --num_preds_to_save).",
+    )
+
+
 def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training-query augmentation")
     group.add_argument("--brightness", type=float, default=None, help="ColorJitter brightness for training queries.")
@@ -189,7 +216,26 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--margin", type=float, default=0.1, help="Margin of the triplet loss.")
     group.add_argument("--epochs_num", type=int, default=1000, help="Maximum number of epochs.")
-    group.add_argument("--patience", type=int, default=3, help="Epochs without improvement before stopping.")
+    group.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="Stop after this many epochs without a better validation R@5. Default: never stop early (all "
+        "--epochs_num epochs run), as the original, whose --patience 3 was never used.",
+    )
+    group.add_argument(
+        "--rei_weight",
+        type=float,
+        default=100.0,
+        help="Weight of the DHE head's REI loss (pixels) in loss = triplet + rei_weight * REI, as the original's 100.",
+    )
+    group.add_argument(
+        "--rerank_val_from_epoch",
+        type=int,
+        default=None,
+        help="Validation re-ranks with the DHE head from this epoch on (0-based); before it, only the baseline recalls "
+        "are computed. Default as the original: 0 for msls*, 35 for pitts30k, 0 for other datasets.",
+    )
     group.add_argument("--lr", type=float, default=0.00001, help="Learning rate.")
     group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
     group.add_argument(
@@ -223,7 +269,13 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="Training positives are within this many metres of the query.",
     )
-    group.add_argument("--save_dir", type=str, default="default", help="Kept from the original; see --exp_name.")
+    group.add_argument(
+        "--save_dir",
+        type=str,
+        dest="exp_name",
+        default=argparse.SUPPRESS,
+        help="The original's name for --exp_name (the same flag): outputs go to logs/<save_dir>/<date_time>/.",
+    )
 
 
 def _add_train_dhe_flags(parser: argparse.ArgumentParser) -> None:
@@ -246,12 +298,19 @@ def _add_train_dhe_flags(parser: argparse.ArgumentParser) -> None:
         help="Query-positive pairs: every ground-truth pair (gt), or predicted positives closer than --qp_threshold "
         "(predicted). Default: gt for datasets named msls*, predicted otherwise, as the original.",
     )
-    group.add_argument("--batch_size", type=int, default=16, help="Query-positive pairs per iteration.")
     group.add_argument(
-        "--train_positives_dist_threshold",
+        "--batch_size",
         type=int,
-        default=10,
-        help="Ground-truth training positives are within this many metres of the query.",
+        default=16,
+        help="Query-positive pairs per iteration (over all processes under torchrun; a multiple of their number).",
+    )
+    group.add_argument(
+        "--positive_dist_threshold",
+        type=int,
+        dest="val_positive_dist_threshold",
+        default=argparse.SUPPRESS,
+        help="The original's name for --val_positive_dist_threshold (the same flag): query-positive pairs and test "
+        "positives are within this many metres.",
     )
 
 
@@ -267,12 +326,31 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     _add_model_flags(parser)
     _add_common_flags(parser)
     _add_test_flags(parser)
+    if script == "eval":
+        _add_eval_output_flags(parser)
+    else:  # the training scripts' validation and test runs (eval.test) write no pictures and need labels
+        parser.set_defaults(num_preds_to_save=0, save_only_wrong_preds=False, no_labels=False)
     if script in ("finetune", "eval"):
         _add_augmentation_flags(parser)
     if script == "finetune":
         _add_finetune_flags(parser)
     if script == "train_dhe":
         _add_train_dhe_flags(parser)
+    if script in ("finetune", "train_dhe"):
+        group = parser.add_argument_group("resuming")
+        group.add_argument(
+            "--resume_train",
+            type=str,
+            default=None,
+            help="A last_checkpoint.pth of an interrupted or finished run of this script: continue it exactly "
+            "(models, optimizer, scheduler, AMP scaler, epoch, random generators) in a new run folder, up to the "
+            "epochs asked for now.",
+        )
+        amp = next(action for action in parser._actions if action.dest == "amp")
+        amp.help = (
+            "Train under autocast (bf16 on CPU and on GPUs that have it, else fp16 with a gradient scaler); the "
+            "matching and RANSAC of the REI loss stay fp32. Validation and test re-rank with the head in bf16/fp16."
+        )
     return parser
 
 
@@ -340,12 +418,17 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     for name in positive_ints:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if hasattr(args, "num_preds_to_save"):
+        if not 0 <= args.num_preds_to_save <= MAX_PREDS_TO_SAVE:
+            parser.error(f"--num_preds_to_save {args.num_preds_to_save}: must be between 0 and {MAX_PREDS_TO_SAVE}")
+        if args.save_only_wrong_preds and args.num_preds_to_save == 0:
+            parser.error("--save_only_wrong_preds needs --num_preds_to_save N with N > 0")
+        if args.save_only_wrong_preds and args.no_labels:
+            parser.error("--save_only_wrong_preds needs labels: it cannot be used with --no_labels")
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):
         parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
-    if getattr(args, "patience", 1) <= 0:
-        parser.error(f"--patience {args.patience}: must be a positive integer")
     local_features_dir = getattr(args, "local_features_dir", None)
     if local_features_dir is not None and not os.path.isdir(local_features_dir):
         parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
@@ -363,6 +446,15 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 "no datasets folder: pass --datasets_folder or export DATASETS_FOLDER "
                 "(e.g. export DATASETS_FOLDER=datasets_vg/datasets)"
             )
+    if getattr(args, "patience", None) is not None and args.patience <= 0:
+        parser.error(f"--patience {args.patience}: must be a positive integer (leave it out to never stop early)")
+    if getattr(args, "rei_weight", 0.0) < 0:
+        parser.error(f"--rei_weight {args.rei_weight}: must be >= 0")
+    if hasattr(args, "rerank_val_from_epoch"):
+        if args.rerank_val_from_epoch is None:
+            args.rerank_val_from_epoch = 35 if args.dataset_name.lower() == "pitts30k" else 0
+        elif args.rerank_val_from_epoch < 0:
+            parser.error(f"--rerank_val_from_epoch {args.rerank_val_from_epoch}: must be >= 0")
     if hasattr(args, "qp_mode") and args.qp_mode is None:
         args.qp_mode = "gt" if args.dataset_name.lower().startswith("msls") else "predicted"
     args.resize = (height, width)

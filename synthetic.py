@@ -67,6 +67,8 @@ SIDEWALK_M = 3.5  # the sidewalk runs from the facades to the curb at y = -SIDEW
 FIELD_OF_VIEW_DEG = 80.0  # horizontal
 STREET_MARGIN_M = 30.0  # facades continue this far beyond the first and last database image
 JPEG_QUALITY = 90
+SHARED_FRACTION = 0.25  # of the buildings, drawn from a library that recurs all over the world
+NUM_SHARED_BUILDINGS = 6  # buildings in that library
 
 DATABASE_DISTANCE_M = 10.0  # from the facades to the database camera (driving in the middle of the road)
 DATABASE_HEIGHT_M = 2.5
@@ -731,12 +733,14 @@ def build_street(
     angle: float,
     shared_buildings: Sequence[int],
     shared_signs: Sequence[int],
+    shared_fraction: float = 0.25,
 ) -> Street:
-    """Line a street of ``length_m`` metres with buildings; about a quarter of them come from ``shared_buildings``
-    and a third of the others' shops carry one of ``shared_signs``, so that the same motifs recur far apart."""
+    """Line a street of ``length_m`` metres with buildings; a ``shared_fraction`` of them (about a quarter by
+    default) come from ``shared_buildings`` and a third of the others' shops carry one of ``shared_signs``, so that
+    the same motifs recur far apart."""
     textures, seeds, total = [], [], 0.0
     while total < length_m:
-        if rng.random() < 0.25:
+        if rng.random() < shared_fraction:
             seed, sign = int(rng.choice(shared_buildings)), None
         else:
             seed = int(rng.integers(2**31))
@@ -995,6 +999,16 @@ def check_world_arguments(
         raise ValueError(f"database_spacing must be between 1 and 12 metres, got {database_spacing}")
 
 
+def check_repetition_arguments(shared_fraction: float, num_shared_buildings: int) -> None:
+    """Raise ValueError, naming the value, for a shared fraction outside [0, 1] or a library outside 1..1000."""
+    if not (isinstance(shared_fraction, (int, float)) and 0.0 <= shared_fraction <= 1.0):
+        raise ValueError(f"shared_fraction must be between 0 and 1, got {shared_fraction!r}")
+    if isinstance(num_shared_buildings, bool) or not isinstance(num_shared_buildings, int):
+        raise ValueError(f"num_shared_buildings must be an integer, got {num_shared_buildings!r}")
+    if not 1 <= num_shared_buildings <= 1000:
+        raise ValueError(f"num_shared_buildings must be between 1 and 1000, got {num_shared_buildings}")
+
+
 def _file_name(
     street: Street, camera: Camera, pano_id: str, timestamp: str, note: str
 ) -> tuple[str, tuple[float, float]]:
@@ -1081,6 +1095,7 @@ def _generate_split(
     shared_buildings: Sequence[int],
     shared_signs: Sequence[int],
     clouds: np.ndarray,
+    shared_fraction: float = 0.25,
 ) -> float:
     """Write one split's images and homographies.json; return the east extent of its region in metres."""
     K = intrinsics(image_size)
@@ -1103,7 +1118,7 @@ def _generate_split(
         angle = rng.uniform(0, 2 * math.pi)
         length = (database_counts[street_index] - 1) * spacing + 2 * STREET_MARGIN_M
         origin = (centre[0] - length / 2 * math.cos(angle), centre[1] - length / 2 * math.sin(angle))
-        street = build_street(rng, length, origin, angle, shared_buildings, shared_signs)
+        street = build_street(rng, length, origin, angle, shared_buildings, shared_signs, shared_fraction)
         note = f"{SPLITS[split_index]}-street{street_index:03d}"
 
         db_lighting = Lighting(sky=street.sky, clouds=rng.uniform(0.0, 0.5), cloud_offset=tuple(rng.uniform(0, 256, 2)))
@@ -1228,18 +1243,24 @@ def generate_world(
     images_per_street: int = DEFAULT_WORLD["images_per_street"],
     database_spacing: float = DEFAULT_WORLD["database_spacing"],
     overwrite: bool = False,
+    shared_fraction: float = SHARED_FRACTION,
+    num_shared_buildings: int = NUM_SHARED_BUILDINGS,
 ) -> Path:
     """Generate a synthetic world into ``out_dir / name`` and return that folder.
 
     ``image_size`` is (H, W); ``database_per_split`` and ``queries_per_split`` give the (train, val, test) counts;
     each street carries at most ``images_per_street`` database images, ``database_spacing`` metres apart. The same
-    arguments give byte-identical files. The world is written into a temporary sibling folder that is renamed at
+    arguments give byte-identical files. ``shared_fraction`` of the buildings come from a library of
+    ``num_shared_buildings`` that recur all over the world (the defaults, 0.25 and 6, give the default world; more
+    of them, and a library of a dozen, make places that only the arrangement of their facades tells apart). The
+    world is written into a temporary sibling folder that is renamed at
     the end, so a failure leaves nothing behind; an existing non-empty ``out_dir / name`` raises FileExistsError
     unless ``overwrite``, and so does another run writing the same name (seen at the start by its temporary
     folder, or at the end by the rename). Temporary folders of runs that were killed before they could clean up
     are removed.
     """
     check_world_arguments(image_size, database_per_split, queries_per_split, images_per_street, database_spacing)
+    check_repetition_arguments(shared_fraction, num_shared_buildings)
     out_dir = Path(out_dir)
     _check_destination(out_dir, name, overwrite)
     final = out_dir / name
@@ -1248,8 +1269,12 @@ def generate_world(
     staging = out_dir / f".{name}.partial-{os.getpid()}"
     try:
         world_rng = np.random.default_rng([seed, 1_000])
-        shared_buildings = [int(s) for s in world_rng.integers(2**31, size=6)]
+        shared_buildings = [int(s) for s in world_rng.integers(2**31, size=NUM_SHARED_BUILDINGS)]
         shared_signs = [int(s) for s in world_rng.integers(2**31, size=5)]
+        # a larger library draws its extra buildings from another stream, so that the default world stays the same
+        extra = max(0, num_shared_buildings - NUM_SHARED_BUILDINGS)
+        shared_buildings += [int(s) for s in np.random.default_rng([seed, 1_001]).integers(2**31, size=extra)]
+        shared_buildings = shared_buildings[:num_shared_buildings]
         clouds = _periodic_noise(world_rng, 256, 1.6)
         region_east = BASE_EAST
         for split_index, split in enumerate(SPLITS):
@@ -1266,6 +1291,7 @@ def generate_world(
                 shared_buildings,
                 shared_signs,
                 clouds,
+                shared_fraction,
             )
             region_east += extent + SPLIT_GAP_M
         if overwrite and final.exists():  # swap, so that the old world is only removed once the new one is in place
@@ -1424,6 +1450,22 @@ def build_parser() -> argparse.ArgumentParser:
         f"database image within 10 m {_preset_help('database_spacing')}.",
     )
     parser.add_argument(
+        "--shared_fraction",
+        type=float,
+        default=SHARED_FRACTION,
+        metavar="F",
+        help="Fraction (0 to 1) of the buildings taken from a library that recurs all over the world, the rest being "
+        "unique. Raising it (with --shared_buildings about 12) makes places that only the arrangement of their "
+        f"facades tells apart: hard for a global descriptor, not for geometry (default: {SHARED_FRACTION}).",
+    )
+    parser.add_argument(
+        "--shared_buildings",
+        type=int,
+        default=NUM_SHARED_BUILDINGS,
+        metavar="N",
+        help=f"Buildings in that library, 1 to 1000 (default: {NUM_SHARED_BUILDINGS}).",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="Replace an existing non-empty <out>/<name> (default: refuse)."
     )
     parser.add_argument(
@@ -1446,6 +1488,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             sizes[key] = tuple(getattr(args, key)) if isinstance(sizes[key], tuple) else getattr(args, key)
     try:
         check_world_arguments(**sizes)
+        check_repetition_arguments(args.shared_fraction, args.shared_buildings)
         _check_destination(args.out, args.name, args.overwrite)
         if args.contact_sheet is not None:
             check_contact_sheet_path(args.contact_sheet)
@@ -1455,7 +1498,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     # SIGTERM and SIGHUP clean up like Ctrl-C: the temporary folder is removed
     restore_signal_handlers = install_signal_handlers()
     try:
-        world = generate_world(args.out, args.name, seed=args.seed, overwrite=args.overwrite, **sizes)
+        world = generate_world(
+            args.out,
+            args.name,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            shared_fraction=args.shared_fraction,
+            num_shared_buildings=args.shared_buildings,
+            **sizes,
+        )
     finally:
         restore_signal_handlers()
     elapsed = time.perf_counter() - start

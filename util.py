@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "recalls_to_str",
     "rerank_predictions",
     "save_predictions",
+    "save_results",
 ]
 
 
@@ -396,6 +398,34 @@ def save_predictions(
                         writer.writerow(
                             [query, query_path, stage, rank, int(database_index), database_paths[database_index], score]
                         )
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def save_results(
+    path: str | Path,
+    recall_values: Sequence[int],
+    baseline: Sequence[float] | None,
+    reranked: Sequence[float] | None,
+    **extra: object,
+) -> None:
+    """Write `{"baseline": {"R@1": ..}, "reranked": {"R@1": ..}, **extra}` (recalls in percent) as JSON, atomically.
+
+    A stage that was not computed is null. `extra` holds JSON-serialisable values (split, epoch, ...).
+    """
+
+    def as_dict(recalls: Sequence[float] | None) -> dict[str, float] | None:
+        if recalls is None:
+            return None
+        return {f"R@{n}": round(float(value), 6) for n, value in zip(recall_values, recalls)}
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    content = {"baseline": as_dict(baseline), "reranked": as_dict(reranked), **extra}
+    try:
+        temporary.write_text(json.dumps(content, indent=2) + "\n")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

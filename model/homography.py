@@ -202,6 +202,7 @@ def rei_loss(
     local_c: Tensor,
     H: Tensor,
     image_hw: tuple[int, int] | None = None,
+    seed: int = 0,
     generator: torch.Generator | None = None,
     ransac_threshold: float = RANSAC_THRESHOLD,
     max_iters: int = 2000,
@@ -215,12 +216,17 @@ def rei_loss(
     matches under the predicted ``H``. A pair with fewer than ``MIN_MATCHES`` matches, or where RANSAC finds no
     model or k = 0, contributes 0.
 
+    The loss of a pair is a function of that pair's inputs and ``seed`` alone: RANSAC draws every pair's samples
+    from the same counter-based stream of ``seed``, as OpenCV re-seeds its RNG at every call, so a pair gets the
+    same k whatever else is in the batch, in whatever order, and whatever the state of torch's global RNG.
+
     Args:
         local_q: (B, C, h, w) query features, or (1, C, h, w) for one query against B candidates.
         local_c: (B, C, h, w) candidate features.
         H: (B, 3, 3) predicted homographies from query pixels to candidate pixels.
         image_hw: (H, W) pixels of the resized images; defaults to the grid times ``PATCH_SIZE``.
-        generator: random generator of RANSAC, on the device of the features (``None``: torch's global one).
+        seed: seed of RANSAC's sample stream (see ``find_homography_ransac``).
+        generator: if given, the seed is drawn from it instead (one draw per call), for other samples each call.
         ransac_threshold: RANSAC's inlier threshold in pixels.
         max_iters: RANSAC's maximum number of hypotheses per pair (OpenCV's default, 2000).
         confidence: RANSAC's confidence for stopping early (OpenCV's default, 0.995).
@@ -234,7 +240,7 @@ def rei_loss(
     distances = reprojection_distances(H, query_points, cand_points)
     src = query_points.expand_as(cand_points)
     _, inliers, found = find_homography_ransac(
-        src, cand_points, valid, ransac_threshold, max_iters, confidence, generator
+        src, cand_points, valid, ransac_threshold, max_iters, confidence, seed=seed, generator=generator
     )
     num_inliers = inliers.sum(dim=1)
     # Mean of the k smallest distances of the valid matches, with k varying across pairs.
@@ -317,6 +323,7 @@ def find_homography_ransac(
     threshold: float = RANSAC_THRESHOLD,
     max_iters: int = 2000,
     confidence: float = 0.995,
+    seed: int = 0,
     generator: torch.Generator | None = None,
     refine: bool = True,
     max_chunk_elements: int = 1 << 22,
@@ -332,11 +339,16 @@ def find_homography_ransac(
     Levenberg-Marquardt iterations) and its inliers are counted again. A set of exactly four points is fitted
     directly, all four being inliers.
 
-    Hypotheses are drawn from ``generator`` for every unfinished pair at once, in chunks of about
-    ``max_chunk_elements`` point-hypothesis pairs, solved by kornia's batched 4-point DLT, and scored at once;
-    a pair stops as OpenCV's loop would after the same sequence of hypotheses. Rejected samples do not count as
-    hypotheses; a pair stops after ``10 * max_iters`` draws at most. Pairs are grouped by size (powers of two)
-    so that small sets are not padded to the largest one.
+    Samples are drawn for every unfinished pair at once, in chunks of about ``max_chunk_elements``
+    point-hypothesis pairs, solved by kornia's batched 4-point DLT, and scored at once; a pair stops as OpenCV's
+    loop would after the same sequence of hypotheses. Rejected samples do not count as hypotheses; a pair stops
+    after ``10 * max_iters`` draws at most. Pairs are grouped by size (powers of two) so that small sets are not
+    padded to the largest one.
+
+    The i-th sample of every pair comes from the same counter-based stream of ``seed`` (a hash of the seed and
+    the counter, like OpenCV re-seeding its RNG at every call), and inliers are counted with elementwise
+    arithmetic, which rounds the same whatever the shapes: a pair's result depends on its points and the seed
+    alone, not on the other pairs of the batch, their order, the chunk sizes or torch's global RNG.
 
     Args:
         src: (B, N, 2) points (x, y) in the first image.
@@ -345,7 +357,8 @@ def find_homography_ransac(
         threshold: inlier threshold in pixels.
         max_iters: maximum number of hypotheses per pair.
         confidence: probability of having drawn an all-inlier sample that stops the search early; 1 disables it.
-        generator: random generator on the device of the points (``None``: torch's global one).
+        seed: seed of the sample stream (any integer; reduced to 64 bits).
+        generator: if given, the seed is drawn from it instead (one draw per call).
         refine: refit the best model on its inliers and recount them (OpenCV 4.x).
         max_chunk_elements: bound on samples x points scored at once (the default peaks at about 70 MB).
 
@@ -363,6 +376,11 @@ def find_homography_ransac(
         raise ValueError(f"valid must have shape ({batch}, {num_points}), got {tuple(valid.shape)}")
     if not 0 < confidence <= 1:
         raise ValueError(f"confidence must be in (0, 1], got {confidence}")
+
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    key = _stream_key(seed)
+    max_draws = 10 * max_iters  # OpenCV gives up after 10000 rejected samples in a row; this bounds all the draws
 
     with torch.no_grad(), torch.autocast(src.device.type, enabled=False):
         threshold_sq = float(threshold) ** 2
@@ -399,16 +417,17 @@ def find_homography_ransac(
                     best_H[group],
                     best_count[group],
                     hypotheses_done[group],
+                    draws_done[group],
                     group_chunk,
                     threshold_sq,
                     max_iters,
+                    max_draws,
                     confidence,
-                    generator,
+                    key,
                 )
                 best_H[group], best_count[group], hypotheses_done[group], stopped = state
                 draws_done[group] += group_chunk
-                # OpenCV gives up after 10000 rejected samples in a row; this bounds all the draws of a pair.
-                active[group] = ~stopped & (draws_done[group] < 10 * max_iters)
+                active[group] = ~stopped & (draws_done[group] < max_draws)
             chunk = min(4 * chunk, max_iters)
 
         found = best_count >= MIN_MATCHES
@@ -447,24 +466,28 @@ def _ransac_chunk(
     best_H: Tensor,
     best_count: Tensor,
     hypotheses_done: Tensor,
+    draws_done: Tensor,
     chunk: int,
     threshold_sq: float,
     max_iters: int,
+    max_draws: int,
     confidence: float,
-    generator: torch.Generator | None,
+    key: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw and score ``chunk`` hypotheses for each of A pairs and update their state as OpenCV's loop would.
 
     Shapes: src, dst (A, N, 2) with each pair's num_valid valid points first, as valid (A, N) says; num_valid,
-    best_count, hypotheses_done (A,); best_H (A, 3, 3).
+    best_count, hypotheses_done, draws_done (A,); best_H (A, 3, 3). A pair's draws are numbered from draws_done
+    on, and draws numbered ``max_draws`` or more are not used.
     Returns the updated best_H, best_count, hypotheses_done and whether each pair has stopped.
     """
     pairs = src.shape[0]
-    positions = _sample_distinct(num_valid, chunk, generator)  # (A, T, 4) among the valid points
+    draw_number = draws_done.unsqueeze(1) + torch.arange(chunk, device=src.device)  # (A, T)
+    positions = _sample_distinct(num_valid, draw_number, key)  # (A, T, 4) among the valid points
     sample_idx = positions.view(pairs, chunk * MIN_MATCHES, 1).expand(-1, -1, 2)
     src_sample = src.gather(1, sample_idx).view(pairs * chunk, MIN_MATCHES, 2)
     dst_sample = dst.gather(1, sample_idx).view(pairs * chunk, MIN_MATCHES, 2)
-    good_sample = _sample_is_valid(src_sample, dst_sample)
+    good_sample = _sample_is_valid(src_sample, dst_sample) & (draw_number < max_draws).flatten()
     # Only the accepted samples are solved and scored (with many outliers most samples are rejected).
     good = good_sample.nonzero().squeeze(1)
     hypotheses = src.new_full((pairs * chunk, 3, 3), math.nan)
@@ -487,7 +510,10 @@ def _ransac_chunk(
     stopped = stop.any(dim=1)
     last = torch.where(stopped, stop.to(torch.uint8).argmax(dim=1), torch.full_like(num_valid, chunk - 1))
     considered = torch.arange(chunk, device=src.device).unsqueeze(0) <= last.unsqueeze(1)
-    chunk_best, chunk_arg = torch.where(considered, counts, torch.full_like(counts, -1)).max(dim=1)
+    counts = torch.where(considered, counts, torch.full_like(counts, -1))
+    chunk_best = counts.amax(dim=1)
+    # The first hypothesis with the most inliers, as in OpenCV's sequence.
+    chunk_arg = (counts == chunk_best.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
     # OpenCV keeps a model only with more inliers than the best so far and than 3.
     better = chunk_best > best_count.clamp_min(MIN_MATCHES - 1)
     chunk_H = hypotheses[torch.arange(pairs, device=src.device), chunk_arg]
@@ -497,13 +523,44 @@ def _ransac_chunk(
     return best_H, best_count, hypotheses_done, stopped
 
 
-def _sample_distinct(num_valid: Tensor, chunk: int, generator: torch.Generator | None) -> Tensor:
-    """(A, chunk, 4) distinct positions drawn uniformly in [0, num_valid) for each of A pairs, sorted."""
-    uniform = torch.rand(
-        (num_valid.shape[0], chunk, MIN_MATCHES), generator=generator, device=num_valid.device, dtype=torch.float64
-    )
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) of ints in [0, 2**32): Python ints or int64 tensors.
+
+    The multipliers are below 2**31, so every product stays below 2**63 and int64 never overflows.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _stream_key(seed: int) -> int:
+    """The 32-bit key of a sample stream, from any integer seed (reduced to 64 bits)."""
+    seed = int(seed) % 2**64
+    return _mix32(seed & _MASK32 ^ _mix32((seed >> 32) ^ _GOLDEN32))
+
+
+def _counter_uniform(key: int, counter: Tensor) -> Tensor:
+    """Uniform float64 numbers in (0, 1), a function of the key and each int64 counter (< 2**31) alone."""
+    bits = _mix32(_mix32((counter * _GOLDEN32 + key) & _MASK32) ^ key)
+    return (bits.double() + 0.5) / 2.0**32
+
+
+def _sample_distinct(num_valid: Tensor, draw_number: Tensor, key: int) -> Tensor:
+    """(A, T, 4) sorted distinct positions in [0, num_valid) for each of A pairs, T draws each.
+
+    Draw ``draw_number[a, t]`` of any pair uses the uniforms of counters ``4 * draw_number + i`` of the stream
+    ``key``, so a pair's samples depend on its number of points and the stream alone.
+    """
+    counters = draw_number.unsqueeze(-1) * MIN_MATCHES + torch.arange(MIN_MATCHES, device=draw_number.device)
+    uniform = _counter_uniform(key, counters)
     upper = num_valid.view(-1, 1)
-    chosen = uniform.new_empty((num_valid.shape[0], chunk, 0), dtype=torch.long)
+    chosen = uniform.new_empty((*draw_number.shape, 0), dtype=torch.long)
     for i in range(MIN_MATCHES):
         # Uniform among the n - i positions left, then skip over those already chosen (in increasing order).
         position = torch.minimum((uniform[..., i] * (upper - i)).long(), (upper - 1 - i).clamp_min(0))
@@ -541,13 +598,19 @@ def _signed_area(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 def _squared_transfer_errors(H: Tensor, src: Tensor, dst: Tensor) -> Tensor:
     """Squared forward reprojection errors of T homographies per pair: H (A, T, 3, 3), points (A, N, 2) -> (A, T, N).
 
-    NaN or infinite (never an inlier) where a point maps to infinity or H is NaN.
+    NaN or infinite (never an inlier) where a point maps to infinity or H is NaN. Computed with elementwise
+    products and sums in a fixed order rather than a matrix product, whose rounding depends on the kernel that
+    the shapes select: the counts at the threshold then do not depend on the batch.
     """
-    pairs, hypotheses = H.shape[:2]
-    src_h = torch.cat([src, torch.ones_like(src[..., :1])], dim=-1).transpose(1, 2)  # (A, 3, N)
-    projected = (H.reshape(pairs, hypotheses * 3, 3) @ src_h).view(pairs, hypotheses, 3, -1)
-    dx = projected[:, :, 0] / projected[:, :, 2] - dst[..., 0].unsqueeze(1)
-    dy = projected[:, :, 1] / projected[:, :, 2] - dst[..., 1].unsqueeze(1)
+    x, y = src[..., 0].unsqueeze(1), src[..., 1].unsqueeze(1)  # (A, 1, N)
+    h = H.flatten(2).unsqueeze(-1)  # (A, T, 9, 1)
+
+    def row(i: int) -> Tensor:
+        return h[:, :, 3 * i] * x + h[:, :, 3 * i + 1] * y + h[:, :, 3 * i + 2]
+
+    w = row(2)
+    dx = row(0) / w - dst[..., 0].unsqueeze(1)
+    dy = row(1) / w - dst[..., 1].unsqueeze(1)
     return dx * dx + dy * dy
 
 

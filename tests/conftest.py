@@ -1,4 +1,8 @@
-"""Shared fixtures: the original's reference outputs and deterministic weights."""
+"""Shared fixtures: the device to test on, the original's reference outputs and deterministic weights.
+
+`pytest --device cuda` runs the tests that take the `device` fixture on the GPU (the default is cpu); the others
+(datasets, parser, synthetic world, files) always run on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,30 @@ import datasets_ws  # noqa: E402
 REFERENCE_LINEAR_BIAS = [8, 8, 376, 8, 8, 376, 376, 376, 20, 4, 370, 15, 2, 380, 366, 372]
 IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="Device of the tests that take the `device` fixture (model, matching, RANSAC, eval.py); default cpu.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--device") == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        # The parity tolerances are those of fp32: no TF32 in convolutions or matrix products.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device given by `pytest --device` (cpu by default)."""
+    return torch.device(request.config.getoption("--device"))
 
 
 @pytest.fixture(scope="session")

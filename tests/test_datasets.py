@@ -326,8 +326,19 @@ def test_database_and_gallery_together(tmp_path: Path):
     split = tmp_path / "toy" / "images" / "train"
     for folder in ("database", "gallery", "queries"):
         save_image(split / folder / utm_name(0, 0))
-    with pytest.raises(ValueError, match="both database/ and gallery/"):
+    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+    assert all("/database/" in p for p in dataset.database_paths)
+    save_image(split / "gallery" / utm_name(5, 0))
+    with pytest.raises(ValueError, match="both database/ and gallery/ with different images"):
         datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+
+
+def test_database_linked_as_gallery(tmp_path: Path):
+    split = tmp_path / "toy" / "images" / "train"
+    for folder in ("database", "queries"):
+        save_image(split / folder / utm_name(0, 0))
+    (split / "gallery").symlink_to(split / "database")
+    assert datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train").database_num == 1
 
 
 def test_empty_folder(tmp_path: Path):

@@ -10,6 +10,7 @@ before and after re-ranking. q2 copies d0 but lies 5 km away: it has no positive
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,20 +61,20 @@ def tiny_world(tmp_path_factory) -> Path:
     return root
 
 
-def run_eval(world: Path, *extra: str) -> dict:
+def run_eval(world: Path, *extra: str, device: str = "cpu") -> dict:
     return eval_script.cli(
         [
             "--datasets_folder", str(world), "--dataset_name", "tiny", "--resize", str(SIZE), str(SIZE),
             "--resume_fe", str(world / "fe.torch"), "--resume_hr", str(world / "hr.torch"), "--trunc_te", str(TRUNC_TE),
-            "--recall_values", "1", "5", "--device", "cpu", "--num_workers", "0", "--infer_batch_size", "3",
+            "--recall_values", "1", "5", "--device", str(device), "--num_workers", "0", "--infer_batch_size", "3",
             *extra,
         ]
     )  # fmt: skip
 
 
-def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monkeypatch):
+def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monkeypatch, device):
     monkeypatch.chdir(tmp_path)
-    result = run_eval(tiny_world, "--exp_name", "e2e", "--save_predictions")
+    result = run_eval(tiny_world, "--exp_name", "e2e", "--save_predictions", device=device)
     np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
     np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
     # the copy is first, and keeps every one of the 64 mutual matches under the identity homography
@@ -93,6 +94,9 @@ def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monk
     assert "Time: descriptors" in info and "re-ranking" in info
     assert (folder / "debug.log").exists()
     assert not (folder / "local_features.f16").exists()  # the temporary store is gone
+    results = json.loads((folder / "results.json").read_text())
+    assert results["baseline"] == {"R@1": pytest.approx(200 / 3), "R@5": pytest.approx(200 / 3)}
+    assert results["reranked"] == results["baseline"] and results["split"] == "test"
 
     with open(folder / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
@@ -103,10 +107,10 @@ def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monk
 
 
 @pytest.mark.parametrize("test_method", ["single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"])
-def test_eval_test_methods(tiny_world, tmp_path, monkeypatch, test_method):
+def test_eval_test_methods(tiny_world, tmp_path, monkeypatch, test_method, device):
     # square queries of the resize size: every crop is the whole image, so every method finds the copies
     monkeypatch.chdir(tmp_path)
-    result = run_eval(tiny_world, "--test_method", test_method, "--num_reranked_preds", "2")
+    result = run_eval(tiny_world, "--test_method", test_method, "--num_reranked_preds", "2", device=device)
     np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
     np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
     assert result["rerank_scores"].shape == (3, 2)

@@ -29,15 +29,18 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(reference):
-    """Our outputs on the reference images with the reference weights."""
-    features_extractor = reference_features_extractor()
-    homography_regression = reference_homography_regression()
+def reference_outputs(reference, device):
+    """Our outputs on the reference images with the reference weights, computed on `device`, returned on the CPU."""
+    features_extractor = reference_features_extractor().to(device)
+    homography_regression = reference_homography_regression().to(device)
     with torch.no_grad():
-        global_descriptors, local_features = features_extractor(normalise_uint8(reference["images_uint8"]))
+        images = normalise_uint8(reference["images_uint8"]).to(device)
+        global_descriptors, local_features = features_extractor(images)
         correlation = compute_similarity(local_features[[0, 0, 0]], local_features[1:4])
         points = homography_regression(correlation)
-    return {"global": global_descriptors, "local": local_features, "correlation": correlation, "points": points}
+    outputs = {"global": global_descriptors, "local": local_features, "correlation": correlation, "points": points}
+    assert all(value.device == images.device for value in outputs.values())
+    return {key: value.cpu() for key, value in outputs.items()}
 
 
 # ---------------------------------------------------------------- parity with the original

@@ -32,6 +32,13 @@ def test_finetune_and_train_dhe_defaults():
     assert (train_dhe.lr, train_dhe.batch_size, train_dhe.qp_threshold) == (0.0001, 16, 0.14)
     assert (train_dhe.n_epochs, train_dhe.iterations_per_epoch) == (100, 2000)
     assert train_dhe.qp_mode == "predicted"
+    assert not hasattr(train_dhe, "train_positives_dist_threshold")
+    assert finetune.patience is None and finetune.rei_weight == 100 and finetune.criterion == "triplet"
+    assert finetune.rerank_val_from_epoch == 35 and finetune.exp_name == "default"
+    aliases = ["--datasets_folder", "d", "--positive_dist_threshold", "30", "--dataset_name", "msls"]
+    assert parser.parse_arguments("train_dhe", aliases).val_positive_dist_threshold == 30
+    finetune = parser.parse_arguments("finetune", ["--datasets_folder", "d", "--save_dir", "x", "--dataset_name", "y"])
+    assert finetune.exp_name == "x" and finetune.rerank_val_from_epoch == 0
     msls = parser.parse_arguments("train_dhe", ["--datasets_folder", "data", "--dataset_name", "msls"])
     assert msls.qp_mode == "gt"
 

@@ -306,3 +306,24 @@ def test_command_line_writes_a_world_and_a_contact_sheet(tmp_path: Path, capsys:
     with pytest.raises(SystemExit):
         synthetic.main(argv)  # the world is there now
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_shared_fraction_one_builds_streets_from_the_library_only() -> None:
+    shared = [101, 202, 303, 404]
+    street = synthetic.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=1.0)
+    assert set(street.buildings) <= set(shared) and len(street.buildings) > 3
+    street = synthetic.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=0.0)
+    assert not set(street.buildings) & set(shared)
+
+
+def test_repetition_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv, message in (
+        (["--shared_fraction", "1.5"], "shared_fraction must be between 0 and 1"),
+        (["--shared_buildings", "0"], "num_shared_buildings must be between 1 and 1000"),
+    ):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path), *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="shared_fraction"):
+        synthetic.generate_world(tmp_path, "world", shared_fraction=-0.1, **MICRO)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,154 @@
+"""torch.hub entry point of DHE-VPR.
+
+    import torch
+    model = torch.hub.load("path/to/this/repo", "dhe_vpr", source="local",
+                           resume_fe="finetunedCCT14_pitts30k.torch", resume_hr="finetunedDHE_pitts30k.torch")
+    images = torch.stack([model.preprocess(path) for path in paths])  # (B, 3, 384, 384), ImageNet-normalised
+    with torch.no_grad():
+        global_descriptors, local_features = model(images)  # (B, 384), (B, 384, 24, 24)
+    order, scores = model.rerank(local_features[0], local_features[1:])  # candidates 1..B-1 of query 0, best first
+
+Nothing is downloaded: checkpoints are local files, loaded on CPU (`map_location`) with strict key matching, in any
+of the formats `model.checkpoints` reads (the released checkpoints, and what `finetune.py` and `train_dhe.py`
+save). ``torch.hub.load("<owner>/<repo>", ...)`` with ``source="github"`` fetches this file's repository (that is
+torch.hub's doing, not this file's); the weights still come from the paths you pass.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model import FeaturesExtractor, HomographyRegression
+from model.checkpoints import load_features_extractor, load_homography_regression
+from model.dhe import PATCH_SIZE
+from model.homography import rerank_scores
+
+dependencies = ["torch", "torchvision", "timm", "kornia", "numpy"]
+
+NUM_BLOCKS = 14  # CCT-14: --trunc_te keeps 0..13 of them, as parser.py allows
+
+
+class DHEVPR(nn.Module):
+    """The features extractor (`features_extractor`: CCT + GeM) and the DHE head (`homography_regression`).
+
+    `forward(images)` gives the global descriptors for retrieval and the local features for re-ranking;
+    `rerank(local_q, local_candidates)` orders candidates by the DHE inlier count, as `eval.py` does.
+    """
+
+    def __init__(self, features_extractor: FeaturesExtractor, homography_regression: HomographyRegression) -> None:
+        super().__init__()
+        self.features_extractor = features_extractor
+        self.homography_regression = homography_regression
+
+    @property
+    def resize(self) -> tuple[int, int]:
+        """(H, W) of the images the model was built for."""
+        return tuple(self.features_extractor.resize)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """ImageNet-normalised images (B, 3, H, W), (H, W) = `resize` -> (global descriptors (B, 384), L2-normalised
+        local features (B, 384, H/16, W/16))."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        return self.features_extractor(images)
+
+    def rerank(
+        self, local_q: Tensor, local_candidates: Tensor, batch_size: int = 32, amp: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Re-rank candidates by how many mutual matches the DHE homography explains (48 px), as `eval.py` does.
+
+        Args:
+            local_q: (C, h, w) local features of one query, or (Q, C, h, w) of Q queries (from `forward`).
+            local_candidates: (K, C, h, w) features of its K candidates, or (Q, K, C, h, w).
+            batch_size: query-candidate pairs per pass of the DHE head.
+            amp: run the DHE head in bfloat16 (float16 on CUDA without bfloat16).
+
+        Returns:
+            order: (K,) or (Q, K) int64 candidate positions, best first (ties ordered as the original,
+                `argsort()[::-1]`);
+            scores: (K,) or (Q, K) float32 inlier counts of the candidates, in their given order.
+        """
+        scores = rerank_scores(self.homography_regression, local_q, local_candidates, batch_size, amp)
+        order = np.ascontiguousarray(scores.double().cpu().numpy().argsort(axis=-1)[..., ::-1])
+        return torch.from_numpy(order).to(scores.device), scores
+
+    def preprocess(self, image: str | os.PathLike) -> Tensor:
+        """An image file as the model's input (3, H, W): RGB, resized to `resize` (bilinear, no antialiasing, as
+        `eval.py`), ImageNet-normalised."""
+        from datasets_ws import _normalized_tensor, open_rgb_image
+
+        return _normalized_tensor(open_rgb_image(str(image)), self.resize)
+
+
+def _check_path(name: str, value: str | os.PathLike | None) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path to a local checkpoint file or None, got {type(value).__name__}")
+    if value is not None and not Path(value).is_file():
+        raise FileNotFoundError(f"{name}: checkpoint {value} does not exist (nothing is ever downloaded)")
+
+
+def _check_int(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def dhe_vpr(
+    resume_fe: str | os.PathLike | None = None,
+    resume_hr: str | os.PathLike | None = None,
+    resize: Sequence[int] = (384, 384),
+    trunc_te: int = 8,
+    freeze_te: int = 5,
+    pretrained_cct: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+) -> DHEVPR:
+    """DHE-VPR (CCT-14 cut to `trunc_te` blocks + GeM, and the DHE head) in eval mode, on CPU.
+
+    Args:
+        resume_fe: features-extractor checkpoint (a benchmark `CCT14_*.pth`, a `finetunedCCT14_*.torch`, or
+            `features_extractor_*.torch` saved by finetune.py); None: random weights (with a warning).
+        resume_hr: DHE head checkpoint (`initializedDHE.torch`, `finetunedDHE_*.torch`, or
+            `homography_regression_*.torch` saved by train_dhe.py/finetune.py); None: random weights (with a warning).
+        resize: (H, W) of the input images, each a positive multiple of 16, as the checkpoints were trained.
+        trunc_te: CCT blocks kept, 0..13 (as --trunc_te).
+        freeze_te: blocks with index <= freeze_te are frozen, -1..13 (as --freeze_te; matters for training only).
+        pretrained_cct: optional local file with ImageNet CCT-14 weights, used when `resume_fe` is None.
+        map_location: where the checkpoints' tensors are loaded (the model stays on CPU; move it with `.to()`).
+
+    Raises:
+        ValueError: a bad `resize`, `trunc_te` or `freeze_te`; a checkpoint that does not fit (its keys named).
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    if (
+        isinstance(resize, (str, bytes))
+        or not isinstance(resize, Sequence)
+        or len(resize) != 2
+        or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 and s % PATCH_SIZE == 0
+            for s in resize
+        )
+    ):
+        raise ValueError(f"resize must be (H, W), two positive multiples of {PATCH_SIZE}, got {resize!r}")
+    _check_int("trunc_te", trunc_te, 0, NUM_BLOCKS - 1)
+    _check_int("freeze_te", freeze_te, -1, NUM_BLOCKS - 1)
+    for name, value in (("resume_fe", resume_fe), ("resume_hr", resume_hr), ("pretrained_cct", pretrained_cct)):
+        _check_path(name, value)
+    resize = (int(resize[0]), int(resize[1]))
+    features_extractor = FeaturesExtractor(resize, trunc_te, freeze_te, pretrained_cct if resume_fe is None else None)
+    if resume_fe is not None:
+        load_features_extractor(features_extractor, resume_fe, map_location)
+    elif pretrained_cct is None:
+        warnings.warn("dhe_vpr: no resume_fe, the features extractor has random weights", stacklevel=2)
+    homography_regression = HomographyRegression(resize)
+    if resume_hr is not None:
+        load_homography_regression(homography_regression, resume_hr, map_location)
+    else:
+        warnings.warn("dhe_vpr: no resume_hr, the DHE head has random weights", stacklevel=2)
+    return DHEVPR(features_extractor, homography_regression).eval()

@@ -1,0 +1,332 @@
+"""Turn a folder of your own photos and a CSV of their positions into a dataset in the VG layout for `eval.py`.
+
+    python make_vg_dataset.py --photos my_photos --csv my_photos.csv --out datasets_vg/datasets --name my_street
+    python eval.py --datasets_folder datasets_vg/datasets --dataset_name my_street --resume_fe ... --resume_hr ...
+
+The CSV has a header row and one row per photo:
+
+    path,role,lat,lon                      (WGS84 degrees)
+    IMG_0001.jpg,database,45.4371,12.3326
+    IMG_0107.jpg,queries,45.4372,12.3330
+
+or UTM positions instead of latitude/longitude (`easting,northing,zone,band` with the latitude band letter C..X, or
+`hemisphere` N/S instead of `band`). `path` is relative to --photos (or absolute); `role` is `database` (photos of
+known position to search) or `queries` (photos to localise; their positions are the ground truth of the recalls).
+Optional columns: `heading` (degrees) and `timestamp` (e.g. 201906), written into the file name. Any other column
+is an error (a typo would otherwise be ignored silently).
+
+Every photo is projected into ONE UTM zone (--zone, default: the zone of the median position), so that distances
+between photos are plain Euclidean distances in metres, as eval.py computes them; the Krüger series used
+(`geodesy`) stays exact to nanometres far beyond a zone's edge. Photos on both sides of the equator cannot share a
+UTM frame and are refused.
+
+Written: ``<out>/<name>/images/<split>/{database,queries}/@east@north@zone@band@lat@lon@@@heading@@@@timestamp@
+<original name>@.jpg``. JPEG and PNG files are copied byte for byte, except JPEGs whose EXIF orientation says they
+are stored rotated: those are turned upright and re-encoded (quality 95), since the datasets ignore EXIF. Other
+formats Pillow reads are converted to JPEG. The dataset is written to a temporary folder renamed at the end, so a
+bad row leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+import geodesy
+
+ROLES = ("database", "queries")
+LATLON_COLUMNS = ("lat", "lon")
+UTM_COLUMNS = ("easting", "northing", "zone")
+OPTIONAL_COLUMNS = ("heading", "timestamp")
+EXIF_ORIENTATION = 0x0112
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One row of the CSV, checked: the photo's file, its role, and its WGS84 position."""
+
+    line: int  # line of the CSV (the header is line 1)
+    path: Path
+    role: str
+    lat: float
+    lon: float
+    heading: str = ""
+    timestamp: str = ""
+
+
+def _number(value: str, column: str, where: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: {column} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {column} {value!r} is not a finite number")
+    return number
+
+
+def _position(row: dict[str, str], where: str) -> tuple[float, float]:
+    """(lat, lon) of a row given as lat/lon or as UTM easting/northing/zone/band (or hemisphere)."""
+    if "lat" in row:
+        lat, lon = _number(row["lat"], "lat", where), _number(row["lon"], "lon", where)
+    else:
+        easting = _number(row["easting"], "easting", where)
+        northing = _number(row["northing"], "northing", where)
+        zone = row["zone"].strip()
+        if not zone.isdigit() or not 1 <= int(zone) <= 60:
+            raise ValueError(f"{where}: zone {zone!r} is not a UTM zone (an integer from 1 to 60)")
+        try:
+            if "band" in row:
+                hemisphere = geodesy.band_hemisphere(row["band"].strip())
+            else:
+                hemisphere = row["hemisphere"].strip().upper()
+            lat, lon = geodesy.utm_to_latlon(easting, northing, int(zone), hemisphere)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+    try:
+        geodesy.utm_zone(lat, lon)  # checks the ranges
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return lat, lon
+
+
+def _check_columns(columns: Sequence[str], csv_path: Path) -> None:
+    columns = set(columns)
+    has_latlon = set(LATLON_COLUMNS) <= columns
+    has_utm = set(UTM_COLUMNS) <= columns and bool(columns & {"band", "hemisphere"})
+    problems = []
+    if not {"path", "role"} <= columns:
+        problems.append("the columns path and role are required")
+    if has_latlon == has_utm:
+        problems.append(
+            "give either lat,lon (WGS84 degrees) or easting,northing,zone and band (or hemisphere), not both"
+            if has_latlon
+            else "positions are missing: give lat,lon or easting,northing,zone,band (or hemisphere)"
+        )
+    known = {
+        "path",
+        "role",
+        *OPTIONAL_COLUMNS,
+        *(LATLON_COLUMNS if has_latlon else (*UTM_COLUMNS, "band", "hemisphere")),
+    }
+    unknown = sorted(columns - known)
+    if unknown:
+        problems.append(f"unknown columns {unknown}")
+    if "band" in columns and "hemisphere" in columns:
+        problems.append("give band or hemisphere, not both")
+    if problems:
+        raise ValueError(f"{csv_path}: {'; '.join(problems)} (header found: {sorted(columns)})")
+
+
+def read_photo_table(csv_path: str | Path, photos_dir: str | Path) -> list[Photo]:
+    """Read and check the CSV (see the module's docstring); errors name the file and the line."""
+    csv_path, photos_dir = Path(csv_path), Path(photos_dir)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"CSV {csv_path} does not exist")
+    if not photos_dir.is_dir():
+        raise FileNotFoundError(f"photos folder {photos_dir} does not exist")
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames is None:
+            raise ValueError(f"{csv_path} is empty; expected a header such as path,role,lat,lon")
+        columns = [name.strip().lower() for name in reader.fieldnames]
+        _check_columns(columns, csv_path)
+        photos, seen = [], {}
+        for line, raw in enumerate(reader, start=2):
+            where = f"{csv_path}, line {line}"
+            if None in raw or any(value is None for value in raw.values()):
+                raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got another count")
+            row = {column: value.strip() for column, value in zip(columns, raw.values())}
+            if not any(row.values()):
+                continue  # a blank line
+            role = row["role"].lower()
+            if role not in ROLES:
+                raise ValueError(f"{where}: role {row['role']!r} must be one of {', '.join(ROLES)}")
+            path = Path(row["path"])
+            path = path if path.is_absolute() else photos_dir / path
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: photo {path} does not exist")
+            if path.resolve() in seen:
+                raise ValueError(f"{where}: photo {path} is already listed on line {seen[path.resolve()]}")
+            seen[path.resolve()] = line
+            lat, lon = _position(row, where)
+            heading = row.get("heading", "")
+            if heading:
+                heading = f"{_number(heading, 'heading', where):.1f}"
+            timestamp = row.get("timestamp", "")
+            if "@" in timestamp or "/" in timestamp:
+                raise ValueError(f"{where}: timestamp {timestamp!r} may not contain @ or /")
+            photos.append(Photo(line, path, role, lat, lon, heading, timestamp))
+    missing = [role for role in ROLES if not any(photo.role == role for photo in photos)]
+    if missing:
+        raise ValueError(f"{csv_path}: no photo has the role {' or '.join(missing)}; both are needed")
+    return photos
+
+
+def common_zone(photos: Sequence[Photo]) -> int:
+    """The UTM zone of the median position of `photos`."""
+    lats = sorted(photo.lat for photo in photos)
+    lons = sorted(photo.lon for photo in photos)
+    return geodesy.utm_zone(lats[len(lats) // 2], lons[len(lons) // 2])
+
+
+def _note(path: Path) -> str:
+    """The photo's file name without extension, made safe for a VG name field."""
+    return re.sub(r"[@/\\\s]+", "_", path.stem) or "photo"
+
+
+def vg_file_name(photo: Photo, utm: geodesy.UTM, extension: str) -> str:
+    """`@east@north@zone@band@lat@lon@@@heading@@@@timestamp@note@<extension>` (14 fields, as the benchmark)."""
+    fields = [
+        f"{utm.easting:.2f}", f"{utm.northing:.2f}", str(utm.zone), geodesy.latitude_band(photo.lat),
+        f"{photo.lat:.7f}", f"{photo.lon:.7f}", "", "", photo.heading, "", "", "", photo.timestamp, _note(photo.path),
+    ]  # fmt: skip
+    return "@" + "@".join(fields) + "@" + extension
+
+
+def _copy_photo(source: Path, destination_stem: Path, where: str) -> Path:
+    """Copy (or convert) one photo to `destination_stem` + ".jpg" or ".png"; return the written path."""
+    try:
+        with Image.open(source) as image:
+            image_format = image.format
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if image_format == "PNG":
+                image.load()
+                destination = destination_stem.with_name(destination_stem.name + ".png")
+                shutil.copyfile(source, destination)
+            elif image_format == "JPEG" and orientation in (1, None):
+                image.load()
+                destination = destination_stem.with_name(destination_stem.name + ".jpg")
+                shutil.copyfile(source, destination)
+            else:  # rotated JPEG or another format: upright RGB JPEG
+                upright = ImageOps.exif_transpose(image).convert("RGB")
+                destination = destination_stem.with_name(destination_stem.name + ".jpg")
+                upright.save(destination, quality=JPEG_QUALITY)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise OSError(f"{where}: cannot read photo {source}: {error}") from error
+    return destination
+
+
+def make_vg_dataset(
+    photos_dir: str | Path,
+    csv_path: str | Path,
+    out_dir: str | Path,
+    name: str,
+    split: str = "test",
+    zone: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the dataset `<out_dir>/<name>/images/<split>/{database,queries}/` and return `<out_dir>/<name>`.
+
+    Args:
+        photos_dir: folder the CSV's relative paths start from.
+        csv_path: the table of photos (see the module's docstring).
+        out_dir, name: where the dataset goes (eval.py's --datasets_folder and --dataset_name).
+        split: the split folder (eval.py reads "test").
+        zone: UTM zone of every photo (default: `common_zone`).
+        overwrite: replace an existing non-empty `<out_dir>/<name>` (default: refuse).
+    """
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"name must be a plain folder name, got {name!r}")
+    if not split or "/" in split or os.sep in split or split in (".", ".."):
+        raise ValueError(f"split must be a plain folder name, got {split!r}")
+    out_dir = Path(out_dir)
+    final = out_dir / name
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
+    photos = read_photo_table(csv_path, photos_dir)
+    if len({photo.lat >= 0 for photo in photos}) > 1:
+        raise ValueError(f"{csv_path}: photos on both sides of the equator cannot share one UTM frame")
+    zone = common_zone(photos) if zone is None else zone
+    utms = []
+    for photo in photos:
+        try:
+            utms.append(geodesy.latlon_to_utm(photo.lat, photo.lon, zone))
+        except ValueError as error:
+            raise ValueError(f"{csv_path}, line {photo.line}: {error}") from None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".{name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written: dict[str, int] = {}
+        for role in ROLES:
+            (staging / "images" / split / role).mkdir(parents=True)
+        for photo, utm in zip(photos, utms):
+            destination = _copy_photo(
+                photo.path,
+                staging / "images" / split / photo.role / vg_file_name(photo, utm, ""),
+                f"{csv_path}, line {photo.line}",
+            )
+            key = f"{photo.role}/{destination.name}"
+            if key in written:
+                raise ValueError(
+                    f"{csv_path}, line {photo.line}: same position and file name as line {written[key]} ({key})"
+                )
+            written[key] = photo.line
+        if final.exists():
+            retired = out_dir / f".{name}.old-{os.getpid()}"
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Make a dataset in the VG layout (<out>/<name>/images/<split>/{database,queries}/, positions in "
+        "the file names) from a folder of photos and a CSV of their positions, for eval.py. CSV header: "
+        "path,role,lat,lon (WGS84 degrees) or path,role,easting,northing,zone,band (UTM; hemisphere N/S may replace "
+        "band); role is database or queries; optional columns heading, timestamp.",
+    )
+    parser.add_argument("--photos", type=Path, required=True, help="Folder of the photos (the CSV's paths start here).")
+    parser.add_argument("--csv", type=Path, required=True, help="The CSV of the photos' roles and positions.")
+    parser.add_argument(
+        "--out", type=Path, default=Path("datasets_vg/datasets"), help="Datasets folder (eval.py's --datasets_folder)."
+    )
+    parser.add_argument("--name", required=True, help="Dataset name (eval.py's --dataset_name).")
+    parser.add_argument("--split", default="test", help="Split folder; eval.py evaluates 'test' (default: test).")
+    parser.add_argument(
+        "--zone",
+        type=int,
+        default=None,
+        help="UTM zone (1-60) of every photo (default: the zone of the median position).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty <out>/<name>.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Make the dataset the flags describe, print what was written; return its folder."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.zone is not None and not 1 <= args.zone <= 60:
+        parser.error(f"--zone {args.zone}: must be from 1 to 60")
+    folder = make_vg_dataset(args.photos, args.csv, args.out, args.name, args.split, args.zone, args.overwrite)
+    names = {role: sorted(os.listdir(folder / "images" / args.split / role)) for role in ROLES}
+    zone = names["database"][0].split("@")[3]
+    print(f"Wrote {folder}: {len(names['database'])} database photos, {len(names['queries'])} queries, UTM zone {zone}")
+    print(
+        f"Evaluate with: python eval.py --datasets_folder {args.out} --dataset_name {args.name} "
+        "--resume_fe ... --resume_hr ..."
+    )
+    return folder
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,503 @@
+"""The training loop that `train_dhe.py` and `finetune.py` share, and what every training run leaves behind.
+
+A script describes its job as a `Task` (models, optimizer, data, loss, what to do at the end of an epoch); `run`
+makes the run folder and the logs, resumes, and calls `fit`, the one loop: steps under autocast when `--amp`,
+losses averaged over processes, a stop on a non-finite loss, then per epoch the task's files and validation,
+`metrics.csv`, the plot `training_curves.png` and `last_checkpoint.pth`; at the end `results.json`.
+
+Files of a run folder `logs/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/`:
+    info.log, debug.log     the command, arguments, versions, counts and the periodic loss lines;
+    metrics.csv             one row per epoch: epoch, the losses, lr, seconds, val_R@N and val_reranked_R@N;
+    training_curves.png     the losses and recalls per epoch, redrawn each epoch;
+    last_checkpoint.pth     everything `--resume_train` needs, rewritten atomically each epoch;
+    results.json            recalls at the end (util.save_results);
+and the task's state dicts (`homography_regression_{epoch:03d}.torch`, ...), saved atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+import commons
+import distributed
+import util
+from model.checkpoints import CheckpointMismatchError, load_state_dict_file, save_atomically
+
+__all__ = [
+    "TrainingError",
+    "NonFiniteLossError",
+    "Task",
+    "amp_dtype",
+    "autocast",
+    "atomic_save",
+    "capture_rng_states",
+    "restore_rng_states",
+    "load_training_checkpoint",
+    "write_metrics",
+    "plot_metrics",
+    "fit",
+    "run",
+    "cli",
+]
+
+METRICS_CSV = "metrics.csv"
+LAST_CHECKPOINT = "last_checkpoint.pth"
+RESULTS_JSON = "results.json"
+PLOT_PNG = "training_curves.png"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(Exception):
+    """A problem with the user's input or run that the scripts report in one line, without a traceback."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite: the run stops before the weights take that step."""
+
+
+# ------------------------------------------------------------------------------------------------- mixed precision
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CPU and on GPUs that support it, float16 elsewhere."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """`torch.autocast` in `amp_dtype(device)` when enabled, else a context that does nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """A GradScaler that scales only for float16 autocast (bfloat16 needs none); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------- files
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)` through a temporary file in the same folder: `path` is complete or untouched, with
+    the permissions of the umask (`model.checkpoints.save_atomically`)."""
+    save_atomically(obj, path)
+
+
+def capture_rng_states() -> dict:
+    """States of Python's, NumPy's global, torch's CPU and every CUDA device's generator (safe-loadable types)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the original's global RNG
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    """Set the generators to `states` from `capture_rng_states`."""
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
+
+
+def load_training_checkpoint(path: str | Path, script: str) -> dict:
+    """Read a `last_checkpoint.pth` written by `script`; raise TrainingError saying what is wrong with it."""
+    try:
+        checkpoint = load_state_dict_file(path)
+    except FileNotFoundError:
+        raise TrainingError(f"--resume_train {path}: the file does not exist") from None
+    except ValueError as error:
+        raise TrainingError(
+            f"--resume_train {path}: cannot be read, truncated or not a torch checkpoint ({error})"
+        ) from None
+    if "script" not in checkpoint or "format" not in checkpoint:
+        raise TrainingError(
+            f"--resume_train {path} is not a {LAST_CHECKPOINT} of a training run (it looks like a model state dict: "
+            "load weights with --resume_fe / --resume_hr instead)"
+        )
+    if checkpoint["script"] != script:
+        raise TrainingError(
+            f"--resume_train {path} was written by {checkpoint['script']}.py; {script}.py can only continue its own "
+            f"runs (to start from its weights, pass its state-dict files with --resume_fe / --resume_hr)"
+        )
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise TrainingError(f"--resume_train {path}: checkpoint format {checkpoint['format']}, expected 1")
+    return checkpoint
+
+
+def write_metrics(rows: Sequence[dict], path: str | Path) -> None:
+    """`rows` (one dict per epoch) as CSV, atomically; columns in order of first appearance, empty where missing."""
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv as dicts of strings."""
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _panel(
+    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[str, list], epochs: list
+) -> None:
+    """One line chart inside `box` (left, top, right, bottom): axes, min/max labels, one polyline per series."""
+    left, top, right, bottom = box
+    draw.text((left, top - 16), title, fill="black")
+    draw.rectangle(box, outline="black")
+    values = [v for points in series.values() for v in points if v is not None and math.isfinite(v)]
+    if not values or not epochs:
+        draw.text((left + 8, top + 8), "no data yet", fill="grey")
+        return
+    low, high = min(values), max(values)
+    if high == low:
+        low, high = low - 1, high + 1
+    first, last = min(epochs), max(epochs)
+    span = max(last - first, 1)
+
+    def xy(epoch: float, value: float) -> tuple[float, float]:
+        return (
+            left + 6 + (epoch - first) / span * (right - left - 12),
+            bottom - 6 - (value - low) / (high - low) * (bottom - top - 12),
+        )
+
+    draw.text((left - 58, top), f"{high:.4g}", fill="black")
+    draw.text((left - 58, bottom - 12), f"{low:.4g}", fill="black")
+    draw.text((left, bottom + 4), f"epoch {first}", fill="black")
+    draw.text((right - 60, bottom + 4), f"epoch {last}", fill="black")
+    for slot, (name, points) in enumerate(series.items()):
+        colour = _COLOURS[slot % len(_COLOURS)]
+        line = [xy(e, v) for e, v in zip(epochs, points) if v is not None and math.isfinite(v)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        legend_y = top + 6 + 14 * slot
+        draw.line((right - 150, legend_y + 6, right - 135, legend_y + 6), fill=colour, width=2)
+        draw.text((right - 130, legend_y), name, fill=colour)
+
+
+def plot_metrics(rows: Sequence[dict], path: str | Path) -> None:
+    """Draw the losses (left) and validation recalls (right) per epoch of `rows` to a PNG, atomically (Pillow)."""
+    path = Path(path)
+    epochs = [int(row["epoch"]) for row in rows]
+
+    def column(name: str) -> list:
+        return [float(row[name]) if row.get(name) not in (None, "") else None for row in rows]
+
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    losses = {name: column(name) for name in names if name.endswith("loss")}
+    recalls = {name: column(name) for name in names if name.startswith("val_")}
+    image = Image.new("RGB", (1000, 400), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (70, 30, 480, 360), "training losses (epoch mean)", losses, epochs)
+    _panel(draw, (570, 30, 980, 360), "validation recalls (%)", recalls, epochs)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    try:
+        image.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------ task
+class Task:
+    """What a training script defines; `fit` drives it.
+
+    Attributes set by subclasses:
+        script: "train_dhe" or "finetune" (checked when resuming).
+        modules: {name: module} saved in the checkpoint (may be DistributedDataParallel-wrapped).
+        optimizer, scheduler (stepped every iteration; None for none), scaler (from `grad_scaler`).
+        num_epochs, iterations_per_epoch, log_period (iterations between loss lines).
+        loss_names: names of the values `losses` returns; the first, "loss", is the one minimised.
+        selection_key: the metrics.csv column whose best value (higher is better) makes `save_best` run, or None.
+        fixes: lines logged once at start-up, each a deliberate difference from the original.
+    """
+
+    script: str
+    modules: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler
+    num_epochs: int
+    iterations_per_epoch: int
+    log_period: int
+    loss_names: tuple[str, ...] = ("loss",)
+    selection_key: str | None = None
+    patience: int | None = None
+    fixes: tuple[str, ...] = ()
+
+    def epoch_batches(self, epoch: int) -> Iterator[Any]:
+        """This process's batches of `epoch` (its share of each global batch), on the device."""
+        raise NotImplementedError
+
+    def losses(self, batch: Any) -> dict[str, Tensor]:
+        """Scalar losses of this process's batch, keyed by `loss_names` (runs under the autocast of `--amp`)."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
+        """Rank 0 after each epoch: save the epoch's files, validate; returns metrics.csv columns (val_R@N ...)."""
+        return {}
+
+    def save_best(self, output_folder: Path) -> None:
+        """Rank 0, when `selection_key` improved: save the best model's files."""
+
+    def finish(self, output_folder: Path) -> dict:
+        """Rank 0 after the last epoch: {"baseline": recalls, "reranked": recalls or None, **extra} for results.json."""
+        return {"baseline": None, "reranked": None}
+
+    def state(self) -> dict:
+        """What else `--resume_train` needs (mining generator, pairs, ...): tensors, numbers, strings, lists."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore `state()`."""
+
+
+def _check_parameters_finite(task: Task, epoch: int) -> None:
+    for name, module in task.modules.items():
+        for parameter_name, parameter in module.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise NonFiniteLossError(
+                    f"{name}.{parameter_name} holds non-finite values after epoch {epoch}: stopping without "
+                    "saving this epoch's weights"
+                )
+
+
+def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folder: Path, resume: dict | None) -> dict:
+    """Train `task` from its current state (or `resume`) up to `task.num_epochs`; returns what `run` returns."""
+    world_size = distributed.get_world_size()
+    is_main = distributed.is_main_process()
+    start_epoch, iteration, rows, best, not_improved = 0, 0, [], None, 0
+    if resume is not None:
+        for name, module in task.modules.items():
+            distributed.unwrap(module).load_state_dict(resume["modules"][name])
+        task.optimizer.load_state_dict(resume["optimizer"])
+        if task.scheduler is not None:
+            task.scheduler.load_state_dict(resume["scheduler"])
+        task.scaler.load_state_dict(resume["scaler"])
+        start_epoch, iteration, rows = resume["epoch"], resume["iteration"], list(resume["metrics"])
+        best, not_improved = resume["best"], resume["not_improved"]
+        task.load_state(resume["task"])
+        states = resume["rng"]
+        if len(states) != world_size:
+            logging.warning(
+                f"The checkpoint comes from {len(states)} processes and this run has {world_size}: the random "
+                "streams of the processes differ from those of an uninterrupted run"
+            )
+        restore_rng_states(states[min(distributed.get_rank(), len(states) - 1)])
+        logging.info(
+            f"Resumed from {args.resume_train} (run folder {resume.get('output_folder')}): {start_epoch} epochs "
+            f"and {iteration} iterations done, continuing to epoch {task.num_epochs}"
+        )
+        if is_main and rows:
+            write_metrics(rows, output_folder / METRICS_CSV)
+    if start_epoch >= task.num_epochs:
+        logging.info(f"Nothing to train: the checkpoint has {start_epoch} epochs, {task.num_epochs} were asked for")
+
+    for epoch in range(start_epoch, task.num_epochs):
+        epoch_start = time.perf_counter()
+        sums = torch.zeros(len(task.loss_names), dtype=torch.float64)
+        window: list[float] = []
+        steps = 0
+        for batch in task.epoch_batches(epoch):
+            with autocast(device, args.amp):
+                losses = task.losses(batch)
+            local = torch.stack([losses[name].detach().double().cpu() for name in task.loss_names])
+            means = distributed.all_reduce_sum(local) / world_size
+            if not torch.isfinite(means).all():
+                raise NonFiniteLossError(
+                    f"non-finite loss ({', '.join(f'{n} {v:.4g}' for n, v in zip(task.loss_names, means.tolist()))}) "
+                    f"at iteration {iteration} (epoch {epoch}, step {steps} of the epoch): stopping before the "
+                    "optimizer step; nothing of this epoch is saved"
+                    + (f", the last good checkpoint is {output_folder / LAST_CHECKPOINT}" if epoch > 0 else "")
+                )
+            task.optimizer.zero_grad(set_to_none=True)
+            task.scaler.scale(losses["loss"]).backward()
+            task.scaler.step(task.optimizer)
+            task.scaler.update()
+            if task.scheduler is not None:
+                task.scheduler.step()
+            iteration += 1
+            steps += 1
+            sums += means
+            window.append(float(means[0]))
+            if len(window) == task.log_period:
+                logging.info(
+                    f"epoch {epoch}, iteration {iteration}: loss {window[-1]:.4f}, mean of the last "
+                    f"{len(window)}: {sum(window) / len(window):.4f}"
+                )
+                window = []
+            logging.debug(
+                f"iteration {iteration}: " + ", ".join(f"{n} {v:.6f}" for n, v in zip(task.loss_names, means))
+            )
+        if steps == 0:
+            raise TrainingError(f"epoch {epoch} had no batch: check the batch size against the data")
+        _check_parameters_finite(task, epoch)
+        epoch_losses = {name: float(value) for name, value in zip(task.loss_names, sums / steps)}
+        lr = task.optimizer.param_groups[0]["lr"]
+        metrics = task.end_epoch(epoch, output_folder) if is_main else {}
+        selection = metrics.get(task.selection_key) if task.selection_key else None
+        if selection is not None:
+            if best is None or selection > best:
+                best, not_improved = selection, 0
+                task.save_best(output_folder)
+                logging.info(f"New best {task.selection_key}: {selection:.2f} at epoch {epoch}")
+            else:
+                not_improved += 1
+        row = {"epoch": epoch, **epoch_losses, "lr": lr, "seconds": time.perf_counter() - epoch_start, **metrics}
+        rows.append(row)
+        logging.info(
+            f"Finished epoch {epoch:02d} in {row['seconds']:.1f} s: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items())
+            + f", lr {lr:.3g}"
+        )
+        states = distributed.gather_objects(capture_rng_states())
+        if is_main:
+            write_metrics(rows, output_folder / METRICS_CSV)
+            atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "script": task.script,
+                    "epoch": epoch + 1,
+                    "iteration": iteration,
+                    "modules": {name: distributed.unwrap(m).state_dict() for name, m in task.modules.items()},
+                    "optimizer": task.optimizer.state_dict(),
+                    "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
+                    "scaler": task.scaler.state_dict(),
+                    "best": best,
+                    "not_improved": not_improved,
+                    "metrics": rows,
+                    "rng": states,
+                    "task": task.state(),
+                    "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                    "output_folder": str(output_folder),
+                },
+                output_folder / LAST_CHECKPOINT,
+            )
+            plot_metrics(rows, output_folder / PLOT_PNG)
+        stop = task.patience is not None and not_improved >= task.patience
+        if distributed.broadcast_object(stop):
+            logging.info(f"Stopping early: {task.selection_key} did not improve for {task.patience} epochs")
+            break
+
+    result: dict = {"output_folder": output_folder, "metrics": rows}
+    if is_main:
+        results = task.finish(output_folder)
+        util.save_results(
+            output_folder / RESULTS_JSON,
+            args.recall_values,
+            results.pop("baseline"),
+            results.pop("reranked"),
+            **results,
+        )
+        result["results"] = json.loads((output_folder / RESULTS_JSON).read_text())
+        if rows:
+            plot_metrics(rows, output_folder / PLOT_PNG)
+    distributed.barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------- run
+def run(
+    args: argparse.Namespace,
+    script: str,
+    build_task: Callable[[argparse.Namespace, torch.device, Path, dict | None], Task],
+) -> dict:
+    """Set up the processes, the run folder and the logs, resume if asked, build the task and `fit` it.
+
+    A run that fails before its first epoch is saved leaves no run folder; a later failure or interruption keeps
+    the folder, whose `last_checkpoint.pth` is the last complete epoch.
+    """
+    device = distributed.init(args.device)
+    try:
+        commons.make_deterministic(args.seed + distributed.get_rank())
+        output_folder = commons.make_run_folder(args.exp_name) if distributed.is_main_process() else None
+        output_folder = Path(distributed.broadcast_object(str(output_folder) if output_folder else None))
+        try:
+            if distributed.is_main_process():
+                commons.setup_logging(output_folder)
+                commons.log_run_header(args, output_folder)
+            world_size = distributed.get_world_size()
+            logging.info(
+                f"{script}.py on {device}, {world_size} process{'es' if world_size > 1 else ''}"
+                + (" with mixed precision " + str(amp_dtype(device)).removeprefix("torch.") if args.amp else "")
+            )
+            resume = load_training_checkpoint(args.resume_train, script) if args.resume_train else None
+            task = build_task(args, device, output_folder, resume)
+            for line in task.fixes:
+                logging.info(f"Differs from the original on purpose: {line}")
+            return fit(args, task, device, output_folder, resume)
+        except BaseException as error:
+            if distributed.is_main_process():
+                keep = (output_folder / LAST_CHECKPOINT).exists()
+                if keep:
+                    logging.info(
+                        f"Stopped ({type(error).__name__}); the run folder {output_folder} keeps the last complete "
+                        f"epoch: continue with --resume_train {output_folder / LAST_CHECKPOINT}"
+                    )
+                else:
+                    logging.debug("Failed before any epoch was saved", exc_info=True)
+                commons.close_logging()
+                if not keep:
+                    commons.remove_run_folder(output_folder)
+            raise
+    finally:
+        distributed.shutdown()
+
+
+EXPECTED_ERRORS = (TrainingError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError)
+
+
+def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[str] | None = None) -> dict:
+    """Parse `argv`, run `main(args)`; bad input and non-finite losses end with a one-line error and exit code 1."""
+    import parser as flags
+
+    commons.install_signal_handlers()
+    args = flags.parse_arguments(script, argv)
+    try:
+        return main(args)
+    except EXPECTED_ERRORS as error:
+        print(f"{script}.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt as error:
+        print(f"{script}.py: interrupted ({error or 'Ctrl-C'})", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        commons.close_logging()
