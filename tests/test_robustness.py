@@ -390,6 +390,16 @@ def test_exif_orientation_turns_photos_upright(world_copy):
     assert torch.equal(dataset.hard_resized(index), dataset.hard_resized(reference))
 
 
+def test_a_query_that_is_a_database_image_through_a_link_is_refused(world_copy):
+    from datasets_ws import BaseDataset
+
+    split = world_copy / "images" / "test"
+    image = sorted((split / "database").glob("*.jpg"))[0]
+    (split / "queries" / image.name).symlink_to(image)
+    with pytest.raises(ValueError, match=f"query {split / 'queries' / image.name} is the same file as database"):
+        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+
+
 def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
     from datasets_ws import BaseDataset
 
