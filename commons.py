@@ -63,16 +63,22 @@ def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
     `mkdir`, so concurrent runs (several processes, or several machines on a shared disk) never share a folder.
     """
     parent = Path(root) / exp_name
-    parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for attempt in range(10_000):
+    attempt = 0
+    for _ in range(20_000):  # bounded, even if the parent kept vanishing
+        if attempt == 10_000:
+            break
         folder = parent / (stamp if attempt == 0 else f"{stamp}_{attempt}")
         try:
             folder.mkdir()
         except FileExistsError:
+            attempt += 1
+            continue
+        except FileNotFoundError:  # no parent yet, or a failed run just removed the empty one: (re)create it
+            parent.mkdir(parents=True, exist_ok=True)
             continue
         return folder
-    raise FileExistsError(f"{parent / stamp} and 9999 numbered variants already exist")
+    raise FileExistsError(f"cannot create a new run folder in {parent}: {stamp} and its numbered variants are taken")
 
 
 def remove_run_folder(folder: str | Path) -> None:

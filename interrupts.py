@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["Interrupted", "install_signal_handlers", "pipe_safe"]
 
@@ -21,7 +22,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {self.signal_name}")
+        super().__init__(f"received {self.signal_name}")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -36,7 +37,7 @@ class _PipeSafeStream:
     logging to its files.
     """
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self.broken = False
 
@@ -67,7 +68,7 @@ class _PipeSafeStream:
         return getattr(self._stream, name)
 
 
-def pipe_safe(stream):
+def pipe_safe(stream: TextIO | None) -> TextIO | None:
     """`stream` wrapped so that a broken pipe never raises (see `_PipeSafeStream`); wrapping twice is a no-op."""
     return stream if isinstance(stream, _PipeSafeStream) or stream is None else _PipeSafeStream(stream)
 

@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 import commons
 import distributed
 import util
-from model.checkpoints import CheckpointMismatchError, load_state_dict_file
+from model.checkpoints import CheckpointMismatchError, load_state_dict_file, save_atomically
 
 __all__ = [
     "TrainingError",
@@ -96,16 +95,9 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 
 # ----------------------------------------------------------------------------------------------------------- files
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)` through a temporary file in the same folder: `path` is complete or untouched."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """`torch.save(obj, path)` through a temporary file in the same folder: `path` is complete or untouched, with
+    the permissions of the umask (`model.checkpoints.save_atomically`)."""
+    save_atomically(obj, path)
 
 
 def capture_rng_states() -> dict:

