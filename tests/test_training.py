@@ -153,6 +153,16 @@ def test_finetune_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     np.testing.assert_allclose(losses(resumed["output_folder"], columns), losses(folder, columns), rtol=0, atol=1e-6)
 
 
+def test_finetune_patience_is_opt_in(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*data(world), *FINETUNE, "--epochs_num", "6", "--patience", "1", "--rerank_val_from_epoch", "9"]
+    result = finetune.cli([*args, "--exp_name", "patience"])
+    # the tiny val split saturates R@5 quickly: one epoch without a better R@5 stops the run
+    assert len(result["metrics"]) < 6
+    assert "Stopping early: val_R@5 did not improve for 1 epochs" in (result["output_folder"] / "info.log").read_text()
+    assert result["results"]["reranked"] is None  # validation never re-ranked
+
+
 @pytest.mark.parametrize("criterion", ["sare_ind", "sare_joint"])
 def test_sare_criteria(criterion):
     descriptors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])  # query, positive, 2 negatives
