@@ -462,6 +462,8 @@ def run(
             if distributed.is_main_process():
                 commons.setup_logging(output_folder)
                 commons.log_run_header(args, output_folder)
+            else:  # rank 0 speaks for every process; the others report errors only
+                logging.getLogger().setLevel(logging.ERROR)
             world_size = distributed.get_world_size()
             logging.info(
                 f"{script}.py on {device}, {world_size} process{'es' if world_size > 1 else ''}"
