@@ -340,8 +340,8 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         for batch in task.epoch_batches(epoch):
             with autocast(device, args.amp):
                 losses = task.losses(batch)
-            local = torch.stack([losses[name].detach().double().cpu() for name in task.loss_names])
-            means = distributed.all_reduce_sum(local) / world_size
+            local = torch.stack([losses[name].detach().double() for name in task.loss_names])  # on the device (nccl)
+            means = (distributed.all_reduce_sum(local) / world_size).cpu()
             if not torch.isfinite(means).all():
                 raise NonFiniteLossError(
                     f"non-finite loss ({', '.join(f'{n} {v:.4g}' for n, v in zip(task.loss_names, means.tolist()))}) "
@@ -455,6 +455,8 @@ def run(
             if distributed.is_main_process():
                 commons.setup_logging(output_folder)
                 commons.log_run_header(args, output_folder)
+            else:  # rank 0 speaks for every process; the others report errors only
+                logging.getLogger().setLevel(logging.ERROR)
             world_size = distributed.get_world_size()
             logging.info(
                 f"{script}.py on {device}, {world_size} process{'es' if world_size > 1 else ''}"

@@ -31,7 +31,7 @@ from synthetic import generate_world
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, TRUNC_TE = 64, 1
 COMMON = ["--resize", str(SIZE), str(SIZE), "--trunc_te", str(TRUNC_TE), "--num_workers", "0", "--device", "cpu"]
-COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "5"]
+COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "5", "--num_reranked_preds", "4"]
 DHE = ["--iterations_per_epoch", "2", "--batch_size", "4", "--qp_mode", "gt"]
 FINETUNE = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "2"]
 FINETUNE += ["--neg_samples_num", "8", "--horizontal_flip", "--random_resized_crop", "0.3"]
@@ -123,10 +123,10 @@ def test_train_dhe_stops_on_a_non_finite_loss(world, tmp_path, monkeypatch, caps
 # -------------------------------------------------------------------------------------------------------- finetune
 def test_finetune_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [*data(world), *FINETUNE, "--rerank_val_from_epoch", "1"]
-    whole = finetune.cli([*args, "--epochs_num", "3", "--exp_name", "whole"])
+    args = [*data(world), *FINETUNE, "--rerank_val_from_epoch", "3", "--mining", "full"]
+    whole = finetune.cli([*args, "--epochs_num", "4", "--exp_name", "whole"])
     folder = whole["output_folder"]
-    for epoch in range(3):
+    for epoch in range(4):
         load_features_extractor(
             FeaturesExtractor((SIZE, SIZE), TRUNC_TE), folder / f"features_extractor_00{epoch}.torch"
         )
@@ -137,20 +137,30 @@ def test_finetune_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     load_homography_regression(HomographyRegression((SIZE, SIZE)), folder / "best_homography_regression.torch")
     rows = list(csv.DictReader(open(folder / "metrics.csv")))
     assert list(rows[0])[:6] == ["epoch", "loss", "triplet_loss", "rei_loss", "lr", "seconds"]
-    assert rows[0]["val_R@5"] != "" and rows[0]["val_reranked_R@1"] == ""  # re-ranked from epoch 1 only
-    assert rows[1]["val_reranked_R@1"] != ""
+    assert rows[2]["val_R@5"] != "" and rows[2]["val_reranked_R@1"] == ""  # re-ranked from epoch 3 only
+    assert rows[3]["val_reranked_R@1"] != ""
     for row in rows:  # loss = triplet + 100 * REI, to the rounding of the logged means
         assert float(row["loss"]) == pytest.approx(float(row["triplet_loss"]) + 100 * float(row["rei_loss"]), rel=1e-5)
     results = json.loads((folder / "results.json").read_text())
-    assert results["split"] == "val" and results["epoch"] == 2 and set(results["reranked"]) == {"R@1", "R@5"}
+    assert results["split"] == "val" and results["epoch"] == 3 and set(results["reranked"]) == {"R@1", "R@5"}
 
-    first = finetune.cli([*args, "--epochs_num", "1", "--exp_name", "first"])
+    first = finetune.cli([*args, "--epochs_num", "2", "--exp_name", "first"])
     resumed = finetune.cli(
-        [*args, "--epochs_num", "3", "--exp_name", "resumed"]
+        [*args, "--epochs_num", "4", "--exp_name", "resumed"]
         + ["--resume_train", str(first["output_folder"] / "last_checkpoint.pth")]
     )
     columns = ("loss", "triplet_loss", "rei_loss")
     np.testing.assert_allclose(losses(resumed["output_folder"], columns), losses(folder, columns), rtol=0, atol=1e-6)
+
+
+def test_finetune_patience_is_opt_in(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*data(world), *FINETUNE, "--epochs_num", "6", "--patience", "1", "--rerank_val_from_epoch", "9"]
+    result = finetune.cli([*args, "--exp_name", "patience"])
+    # the tiny val split saturates R@5 quickly: one epoch without a better R@5 stops the run
+    assert len(result["metrics"]) < 6
+    assert "Stopping early: val_R@5 did not improve for 1 epochs" in (result["output_folder"] / "info.log").read_text()
+    assert result["results"]["reranked"] is None  # validation never re-ranked
 
 
 @pytest.mark.parametrize("criterion", ["sare_ind", "sare_joint"])
@@ -169,7 +179,10 @@ def test_sare_criteria(criterion):
 # ------------------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.parametrize(
     ("script", "extra"),
-    [("train_dhe.py", [*DHE, "--n_epochs", "1"]), ("finetune.py", [*FINETUNE, "--epochs_num", "1"])],
+    [
+        ("train_dhe.py", [*DHE, "--n_epochs", "1"]),
+        ("finetune.py", [*FINETUNE, "--epochs_num", "1", "--criterion", "sare_joint"]),
+    ],
 )
 def test_two_processes_with_gloo(world, tmp_path, script, extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -233,7 +246,9 @@ def test_bad_input_is_one_clear_line(world, tmp_path, monkeypatch, capsys):
         train_dhe.cli, [*dhe, "--resume_train", str(missing)], capsys
     )
 
-    done = train_dhe.cli([*dhe, "--exp_name", "done"])["output_folder"] / "last_checkpoint.pth"
+    done = train_dhe.cli([*dhe, "--exp_name", "done", "--amp", "--optim", "sgd"])["output_folder"]
+    assert "with mixed precision bfloat16" in (done / "info.log").read_text()
+    done = done / "last_checkpoint.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(done.read_bytes()[: done.stat().st_size // 2])
     assert "cannot be read, truncated or not a torch checkpoint" in run_failing(
