@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HomographyRegression", "compute_similarity", "attention_heads"]
+__all__ = ["HomographyRegression", "compute_similarity", "attention_heads", "set_cpu_kernels", "cpu_kernels"]
 
 PATCH_SIZE = 16
 """Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
@@ -103,15 +105,83 @@ def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
 
     The same arithmetic as `nn.TransformerEncoder`, written out with one fused QKV projection and
     `scaled_dot_product_attention` on (B, heads, L, E / heads) views: it skips the layout copies of
-    `nn.MultiheadAttention` and is about 1.2x faster on CPU at the default size (benchmarks/bench_rerank.py).
+    `nn.MultiheadAttention`. Without gradients on a CPU where `cpu_kernels()` is "onednn", the linear layers run
+    as oneDNN matmuls (`_onednn_linear`, GELU fused into the first feed-forward one).
     """
     batch, length, dim = x.shape
+    dtype = _onednn_dtype(x)
     for layer in encoder.layers:
         attention = layer.self_attn
         heads = attention.num_heads
-        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+        qkv = _linear(x, attention.in_proj_weight, attention.in_proj_bias, dtype)
         query, key, value = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, dim)
-        x = layer.norm1(x + attention.out_proj(attended))
-        x = layer.norm2(x + layer.linear2(F.gelu(layer.linear1(x))))
+        x = layer.norm1(x + _linear(attended, attention.out_proj.weight, attention.out_proj.bias, dtype))
+        hidden = _linear(x, layer.linear1.weight, layer.linear1.bias, dtype, gelu=True)
+        x = layer.norm2(x + _linear(hidden, layer.linear2.weight, layer.linear2.bias, dtype))
     return x
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, onednn_dtype: torch.dtype | None, gelu: bool = False) -> Tensor:
+    """`F.linear` (then exact GELU with `gelu`), (..., in) -> (..., out); with `onednn_dtype` a oneDNN matmul whose
+    inputs and weights are cast to that dtype, as autocast's `linear` casts them (the output has that dtype)."""
+    if onednn_dtype is None:
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    x, weight, bias = x.to(onednn_dtype), weight.to(onednn_dtype), bias.to(onednn_dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+CPU_KERNELS = ("auto", "onednn", "aten")
+_cpu_kernels = "auto"
+
+
+def set_cpu_kernels(kind: str) -> None:
+    """Choose how the head's linear layers run on CPU at inference (no gradients).
+
+    "aten": `F.linear`, i.e. MKL's sgemm in fp32 and whatever autocast picks in bf16. "onednn": oneDNN matmuls
+    (`torch.ops.mkldnn._linear_pointwise`). "auto" (the default): oneDNN on AMD (and Hygon) CPUs, where MKL's
+    sgemm takes a slower code path than on Intel CPUs (measured ~2x slower than oneDNN on a 2-core AMD EPYC
+    without AMX, benchmarks/bench_rerank.py), and aten elsewhere (the Intel figures were measured with it).
+    Training (gradients enabled) always uses aten. The outputs differ by rounding only (~1e-6 relative in fp32).
+    """
+    global _cpu_kernels
+    if kind not in CPU_KERNELS:
+        raise ValueError(f"cpu kernels {kind!r}: expected one of {', '.join(CPU_KERNELS)}")
+    _cpu_kernels = kind
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels the head uses at inference: "onednn" or "aten" (see `set_cpu_kernels`)."""
+    if _cpu_kernels == "aten" or not _onednn_linear_available():
+        return "aten"
+    if _cpu_kernels == "onednn":
+        return "onednn"
+    return "onednn" if _cpu_vendor() in ("AuthenticAMD", "HygonGenuine") else "aten"
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """x86 vendor string of the CPU ("GenuineIntel", "AuthenticAMD", ...), "" where unknown (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype of the head's oneDNN linears for input `x`, or None where they do not apply (not CPU, gradients
+    enabled, aten kernels, or an autocast/input dtype other than fp32 and bf16)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or cpu_kernels() != "onednn":
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None

@@ -13,7 +13,7 @@ from conftest import (
     reference_homography_regression,
 )
 
-from model import CCT, FeaturesExtractor, HomographyRegression, compute_similarity
+from model import CCT, FeaturesExtractor, HomographyRegression, compute_similarity, dhe
 from model.cct import load_pretrained_cct, resize_positional_embedding
 from model.checkpoints import (
     CheckpointMismatchError,
@@ -297,3 +297,41 @@ def test_head_encoders_match_torch_transformer_encoder(train):
     encoded = head.encoder(sequence)
     expected = head.linear((head.encoder2(encoded) + encoded).transpose(1, 2).reshape(3, -1)).reshape(3, 8, 2)
     torch.testing.assert_close(head(correlation), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def cpu_kernels_restored():
+    yield
+    dhe.set_cpu_kernels("auto")
+
+
+@pytest.mark.parametrize("kernels", ["aten", "onednn"])
+def test_head_inference_kernels_match_torch_transformer_encoder(kernels, cpu_kernels_restored):
+    """Without gradients the head may run its linears as oneDNN matmuls: the same outputs as the modules, to the
+    rounding of a different GEMM (same tolerance as with gradients)."""
+    torch.manual_seed(0)
+    head = HomographyRegression(resize=(96, 64)).eval()
+    for parameter in head.parameters():
+        parameter.data.normal_(0, 0.05)
+    correlation = compute_similarity(torch.randn(3, 16, 6, 4), torch.randn(3, 16, 6, 4))
+    dhe.set_cpu_kernels(kernels)
+    with torch.inference_mode():
+        sequence = correlation.reshape(3, 24, 24).transpose(1, 2) + head.pe.transpose(1, 2)
+        encoded = head.encoder(sequence)
+        expected = head.linear((head.encoder2(encoded) + encoded).transpose(1, 2).reshape(3, -1)).reshape(3, 8, 2)
+        torch.testing.assert_close(head(correlation), expected, atol=1e-5, rtol=1e-5)
+        # bf16 autocast: both kernels cast the linears' inputs and weights to bf16 and keep the residual stream
+        # fp32; they differ from fp32 by bf16 rounding (8 bits of mantissa: ~4e-3 relative per rounding, a few
+        # roundings deep; 1.4e-3 measured), well below the spread of the points (std ~0.15 here).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp_points = head(correlation)
+        torch.testing.assert_close(amp_points.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_cpu_kernels_choice(cpu_kernels_restored):
+    dhe.set_cpu_kernels("aten")
+    assert dhe.cpu_kernels() == "aten"
+    dhe.set_cpu_kernels("onednn")
+    assert dhe.cpu_kernels() == ("onednn" if torch.backends.mkldnn.is_available() else "aten")
+    with pytest.raises(ValueError, match="cpu kernels 'mkl'"):
+        dhe.set_cpu_kernels("mkl")
