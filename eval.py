@@ -78,10 +78,18 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
     logging.info(f"Test set: {dataset}")
     logging.info(f"Running on {device}{' with mixed precision' if args.amp else ''}")
 
+    memory_budget, memory_device = util.local_features_memory_budget(args.local_features_in_memory_mb, device)
     store = util.LocalFeatureStore(
         output_folder / "local_features.f16",
         len(dataset.images_paths),
         (features_extractor.features_dim, *features_extractor.grid_size),
+        memory_budget,
+        memory_device,
+    )
+    rerank_batch_size = args.rerank_batch_size or util.default_rerank_batch_size(device)
+    logging.info(
+        f"Local features: {store.memory_bytes / 2**20:.0f} MB in {memory_device} memory, "
+        f"{store.file_bytes / 2**20:.0f} MB in {store.path.name}; re-ranking {rerank_batch_size} pairs per pass"
     )
     try:
         start = time.perf_counter()
@@ -119,7 +127,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
             query_indexes,
             predictions,
             args.num_reranked_preds,
-            args.infer_batch_size,
+            rerank_batch_size,
             device,
             args.amp,
         )

@@ -100,7 +100,7 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--infer_batch_size",
         type=int,
         default=32,
-        help="Batch size for descriptor extraction, and query-candidate pairs per DHE batch.",
+        help="Batch size for descriptor extraction (the re-ranking has --rerank_batch_size).",
     )
 
 
@@ -137,6 +137,21 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         "--efficient_ram_testing",
         action="store_true",
         help="Kept for compatibility with the original; memory is always bounded here, so it changes nothing.",
+    )
+    group.add_argument(
+        "--rerank_batch_size",
+        type=int,
+        default=None,
+        help="Query-candidate pairs per pass of the DHE head when re-ranking; the pairs of consecutive queries fill "
+        "each pass. Default: 32 on CPU; on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else 32.",
+    )
+    group.add_argument(
+        "--local_features_in_memory_mb",
+        type=int,
+        default=-1,
+        help="Keep up to this many MB of the fp16 local features (database first) in memory instead of the run "
+        "folder's local_features.f16 file: GPU memory on CUDA, host RAM on CPU; the rest goes to the file. -1: "
+        "automatic, half of the free GPU memory on CUDA, 0 on CPU (the page cache keeps the file in RAM).",
     )
     group.add_argument(
         "--save_predictions",
@@ -291,6 +306,12 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     for name in positive_ints:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if getattr(args, "rerank_batch_size", None) is not None and args.rerank_batch_size <= 0:
+        parser.error(f"--rerank_batch_size {args.rerank_batch_size}: must be a positive integer")
+    if getattr(args, "local_features_in_memory_mb", -1) < -1:
+        parser.error(
+            f"--local_features_in_memory_mb {args.local_features_in_memory_mb}: must be >= 0 (MB), or -1 (automatic)"
+        )
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):

@@ -7,11 +7,13 @@ file in the run folder (`LocalFeatureStore`) and read back, a query's candidates
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -29,6 +31,8 @@ __all__ = [
     "compute_recalls",
     "recalls_to_str",
     "rerank_predictions",
+    "default_rerank_batch_size",
+    "local_features_memory_budget",
     "save_predictions",
 ]
 
@@ -49,21 +53,47 @@ release_freed_memory = _glibc_malloc_trim()
 
 
 class LocalFeatureStore:
-    """Fixed-size float16 records of local features (C, h, w), one per image index, in a file.
+    """Fixed-size float16 records of local features (C, h, w), one per image index, in memory and in a file.
+
+    The first `num_in_memory` records (the database comes first in a dataset's indexes, and its records are read
+    again and again by the re-ranking) live in one float16 tensor on `memory_device` (host RAM or GPU memory),
+    bounded by `memory_budget_bytes`; the others in a file, read back with positioned reads (not a memory map,
+    whose touched pages would count towards the process's resident memory).
 
     Args:
-        path: the file; created (truncated) here and deleted by `close(delete=True)`.
+        path: the file; created (truncated) here and deleted by `close(delete=True)`. It holds the records that do
+            not fit in memory (`file_bytes`), and is created empty when all of them fit.
         num_records: how many images.
         feature_shape: (C, h, w) of one record.
+        memory_budget_bytes: at most this many bytes of records are kept in memory (0: all in the file).
+        memory_device: where the in-memory records live.
     """
 
-    def __init__(self, path: str | Path, num_records: int, feature_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        num_records: int,
+        feature_shape: tuple[int, int, int],
+        memory_budget_bytes: int = 0,
+        memory_device: torch.device | str = "cpu",
+    ) -> None:
+        if memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
         self.path = Path(path)
         self.num_records = num_records
         self.feature_shape = tuple(feature_shape)
         self.record_bytes = int(np.prod(self.feature_shape)) * 2
+        self.num_in_memory = min(num_records, memory_budget_bytes // self.record_bytes)
+        self.memory_device = torch.device(memory_device)
+        self._memory = torch.empty((self.num_in_memory, *self.feature_shape), dtype=torch.float16, device=memory_device)
+        self.file_bytes = self.record_bytes * (num_records - self.num_in_memory)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.record_bytes * num_records)
+        os.ftruncate(self._fd, self.file_bytes)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of records held in memory (on `memory_device`)."""
+        return self.num_in_memory * self.record_bytes
 
     def write(self, indexes: Sequence[int], features: Tensor) -> None:
         """Store features (B, C, h, w) at `indexes` (B,)."""
@@ -72,26 +102,67 @@ class LocalFeatureStore:
                 f"expected ({len(indexes)}, {', '.join(map(str, self.feature_shape))}) features, "
                 f"got {tuple(features.shape)}"
             )
-        array = features.detach().to("cpu", torch.float16).numpy()
-        for index, record in zip(indexes, array):
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        for index in indexes:
             self._check_index(int(index))
-            os.pwrite(self._fd, record.tobytes(), int(index) * self.record_bytes)
+        features = features.detach()
+        in_memory = indexes < self.num_in_memory
+        if in_memory.any():
+            rows = torch.from_numpy(np.flatnonzero(in_memory)).to(features.device)
+            self._memory[torch.from_numpy(indexes[in_memory]).to(self.memory_device)] = features.index_select(
+                0, rows
+            ).to(self.memory_device, torch.float16)
+        if not in_memory.all():
+            rows = torch.from_numpy(np.flatnonzero(~in_memory)).to(features.device)
+            array = features.index_select(0, rows).to("cpu", torch.float16).numpy()
+            for index, record in zip(indexes[~in_memory], array):
+                os.pwrite(self._fd, record.tobytes(), self._offset(int(index)))
 
-    def read(self, indexes: Sequence[int]) -> Tensor:
-        """Features (B, C, h, w) float16 of `indexes` (B,)."""
-        out = np.empty((len(indexes), *self.feature_shape), dtype=np.float16)
-        for slot, index in enumerate(indexes):
-            self._check_index(int(index))
-            data = os.pread(self._fd, self.record_bytes, int(index) * self.record_bytes)
-            out[slot] = np.frombuffer(data, dtype=np.float16).reshape(self.feature_shape)
-        return torch.from_numpy(out)
+    def read(self, indexes: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """Features (B, C, h, w) float16 of `indexes` (B,), on `device`."""
+        return self.assemble(indexes, self.read_file_part(indexes), torch.device(device))
+
+    def read_file_part(self, indexes: Sequence[int], pin_memory: bool = False) -> Tensor:
+        """The records of `indexes` that are in the file, in their order: (F, C, h, w) float16 on the host, in
+        pinned memory with `pin_memory` (for non-blocking copies to a GPU). The first half of `read`; it does not
+        touch the in-memory records, so that a reader thread can run it while the model runs."""
+        indexes = [int(index) for index in indexes]
+        for index in indexes:
+            self._check_index(index)
+        in_file = [index for index in indexes if index >= self.num_in_memory]
+        out = torch.empty((len(in_file), *self.feature_shape), dtype=torch.float16, pin_memory=pin_memory)
+        buffer = out.view(torch.uint8).numpy().reshape(len(in_file), self.record_bytes)
+        for slot, index in enumerate(in_file):
+            if os.preadv(self._fd, [buffer[slot]], self._offset(index)) != self.record_bytes:
+                raise OSError(f"{self.path}: short read of record {index} (the file was truncated?)")
+        return out
+
+    def assemble(self, indexes: Sequence[int], file_part: Tensor, device: torch.device) -> Tensor:
+        """Features (B, C, h, w) float16 of `indexes` (B,) on `device`, from the in-memory records and `file_part`
+        (from `read_file_part` of the same indexes), copied without blocking where the source is pinned."""
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        in_memory = indexes < self.num_in_memory
+        file_part = file_part.to(device, non_blocking=True)
+        if not in_memory.any():
+            return file_part
+        from_memory = self._memory[torch.from_numpy(indexes[in_memory]).to(self.memory_device)].to(device)
+        if in_memory.all():
+            return from_memory
+        out = torch.empty((len(indexes), *self.feature_shape), dtype=torch.float16, device=device)
+        out[torch.from_numpy(np.flatnonzero(in_memory)).to(device)] = from_memory
+        out[torch.from_numpy(np.flatnonzero(~in_memory)).to(device)] = file_part
+        return out
+
+    def _offset(self, index: int) -> int:
+        return (index - self.num_in_memory) * self.record_bytes
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} out of range for a store of {self.num_records}")
 
     def close(self, delete: bool = True) -> None:
-        """Close the file, and delete it unless `delete=False`."""
+        """Close the file, and delete it unless `delete=False`; free the in-memory records."""
+        self._memory = self._memory[:0]
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -103,6 +174,32 @@ class LocalFeatureStore:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def default_rerank_batch_size(device: torch.device) -> int:
+    """Pairs per pass of the DHE head when `--rerank_batch_size` is not given: 32 on CPU (the head is ~30 GFLOP a
+    pair, so larger passes gain nothing there), on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else
+    32 (a pass needs ~15 MB of activations a pair in fp32)."""
+    if device.type != "cuda":
+        return 32
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 512 if total >= 24 * 2**30 else 128 if total >= 8 * 2**30 else 32
+
+
+def local_features_memory_budget(requested_mb: int, device: torch.device) -> tuple[int, torch.device]:
+    """(bytes, device) of the in-memory part of the `LocalFeatureStore` for `--local_features_in_memory_mb`.
+
+    A budget >= 0 is taken as given, in GPU memory on CUDA and host RAM otherwise. -1 (automatic): on CUDA half of
+    the GPU memory free now (after the models are loaded), which spares the file reads and host-to-GPU copies; on
+    CPU 0, because the operating system's page cache already keeps a file that fits in RAM in RAM (without counting
+    towards the process's memory) and a reader thread overlaps the reads with the head, which is the cost there.
+    """
+    if requested_mb >= 0:
+        return requested_mb * 2**20, device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2, device
+    return 0, device
 
 
 def extract_features(
@@ -226,41 +323,70 @@ def rerank_predictions(
     batch_size: int,
     device: torch.device,
     amp: bool = False,
+    prefetch: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each query's top `num_reranked` predictions by the DHE inlier count.
+
+    The (query, candidate) pairs of all queries, query-major, are scored `batch_size` at a time (the last pass
+    may be shorter), so that queries fill each pass of the head whatever `num_reranked`. With `prefetch` a reader
+    thread reads the next pass's local features from the store's file (into pinned memory on CUDA) while the
+    head runs; memory holds the features of at most two passes beyond the store's in-memory part. The passes, and
+    so the scores, do not depend on `prefetch` nor on which records the store keeps in memory.
 
     Args:
         store: local features of every image, at dataset indexes (database index = prediction value).
         query_indexes: (Q,) store indexes of the queries.
         predictions: (Q, k) database indexes.
+        batch_size: pairs per pass of the head (`--rerank_batch_size`).
     Returns:
         (reranked predictions (Q, k), scores (Q, num_reranked') of the reranked head), num_reranked' =
         min(num_reranked, k). Predictions beyond num_reranked' keep their order. Ties are ordered as the original
         (`argsort()[::-1]` of the scores).
     """
-    from model.homography import rerank_scores
+    from model.homography import score_pairs
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     num_reranked = min(num_reranked, predictions.shape[1])
     homography_regression.eval()
+    candidates = predictions[:, :num_reranked]  # (Q, K)
+    pair_queries = np.repeat(np.asarray(query_indexes, dtype=np.int64), num_reranked)  # (Q * K,) store indexes
+    pair_candidates = candidates.reshape(-1).astype(np.int64)
+    num_pairs = len(pair_queries)
+    pin_memory = device.type == "cuda"
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
+        """The distinct records of the pass at `start` (queries and candidates), where each pair's query and
+        candidate are among them, and the part of those records that is in the store's file."""
+        stop = min(start + batch_size, num_pairs)
+        records, inverse = np.unique(
+            np.concatenate([pair_queries[start:stop], pair_candidates[start:stop]]), return_inverse=True
+        )
+        return records, inverse, store.read_file_part(records, pin_memory)
+
+    scores = []
+    with (
+        torch.inference_mode(),
+        ThreadPoolExecutor(1, thread_name_prefix="local-features") if prefetch else contextlib.nullcontext() as reader,
+        tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar,
+    ):
+        pending = reader.submit(read, 0) if prefetch and num_pairs else None
+        for start in range(0, num_pairs, batch_size):
+            records, inverse, file_part = pending.result() if prefetch else read(start)
+            if prefetch and start + batch_size < num_pairs:
+                pending = reader.submit(read, start + batch_size)
+            features = store.assemble(records, file_part, device)
+            inverse = torch.from_numpy(inverse).to(device)
+            num = len(inverse) // 2
+            scores.append(score_pairs(homography_regression, features[inverse[:num]], features[inverse[num:]], amp))
+            bar.n = (start + num) // num_reranked
+            bar.refresh()
+    scores = torch.cat(scores).double().cpu().numpy() if scores else np.zeros(0)
+    scores = scores.reshape(len(query_indexes), num_reranked)
+    order = scores.argsort(axis=1)[:, ::-1]
     reranked = predictions.copy()
-    all_scores = np.zeros((len(query_indexes), num_reranked), dtype=np.float64)
-    # Queries go in groups that fill a batch of pairs (one query when it has batch_size candidates or more), so
-    # that memory holds at most max(batch_size, num_reranked) candidate maps.
-    group = max(1, batch_size // num_reranked)
-    with torch.inference_mode(), tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar:
-        for start in range(0, len(query_indexes), group):
-            rows = slice(start, start + group)
-            candidates = predictions[rows, :num_reranked]  # (G, K)
-            local_queries = store.read(query_indexes[rows]).to(device).float()
-            local_candidates = store.read(candidates.ravel().tolist()).to(device).float()
-            local_candidates = local_candidates.view(*candidates.shape, *local_candidates.shape[1:])
-            scores = rerank_scores(homography_regression, local_queries, local_candidates, batch_size, amp)
-            scores = scores.double().cpu().numpy()
-            order = scores.argsort(axis=1)[:, ::-1]
-            reranked[rows, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
-            all_scores[rows] = np.take_along_axis(scores, order, axis=1)
-            bar.update(len(candidates))
-    return reranked, all_scores
+    reranked[:, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
+    return reranked, np.take_along_axis(scores, order, axis=1)
 
 
 def save_predictions(
