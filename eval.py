@@ -88,8 +88,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
     )
     rerank_batch_size = args.rerank_batch_size or util.default_rerank_batch_size(device)
     logging.info(
-        f"Local features: {store.memory_bytes / 2**20:.0f} MB in {memory_device} memory, "
-        f"{store.file_bytes / 2**20:.0f} MB in {store.path.name}; re-ranking {rerank_batch_size} pairs per pass"
+        f"Local features: {store.memory_bytes / 2**20:.1f} MB in {memory_device} memory, "
+        f"{store.file_bytes / 2**20:.1f} MB in {store.path.name}; re-ranking {rerank_batch_size} pairs per pass"
     )
     try:
         start = time.perf_counter()
