@@ -23,6 +23,7 @@ import parser
 import util
 from datasets_ws import BaseDataset
 from model import FeaturesExtractor
+from model.dhe import compile_head
 
 NUM_CROPS = 5  # five_crops, nearest_crop and maj_voting describe each query by five square crops
 
@@ -120,6 +121,10 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         logging.info(f"baseline test: {util.recalls_to_str(baseline, args.recall_values)}")
 
         start = time.perf_counter()
+        if args.compile_head != "none":
+            homography_regression = compile_head(
+                homography_regression, args.compile_head, rerank_batch_size, device, args.amp
+            )
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
         reranked, scores = util.rerank_predictions(
             homography_regression,

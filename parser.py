@@ -11,7 +11,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from model.dhe import PATCH_SIZE
+from model.dhe import COMPILE_MODES, PATCH_SIZE
 
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 MINING_METHODS = ("partial", "full", "random", "msls_weighted")
@@ -144,6 +144,15 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Query-candidate pairs per pass of the DHE head when re-ranking; the pairs of consecutive queries fill "
         "each pass. Default: 32 on CPU; on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else 32.",
+    )
+    group.add_argument(
+        "--compile_head",
+        type=str,
+        default="none",
+        choices=COMPILE_MODES,
+        help="Compile the DHE head with torch.compile in this mode before re-ranking (reduce-overhead adds CUDA "
+        "graphs; meant for GPUs). The compiled head is checked against the eager one on one pass; if compiling fails "
+        "or disagrees, a warning says so and the head runs eagerly.",
     )
     group.add_argument(
         "--local_features_in_memory_mb",

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HomographyRegression", "compute_similarity", "attention_heads", "set_cpu_kernels", "cpu_kernels"]
+__all__ = [
+    "HomographyRegression",
+    "compute_similarity",
+    "attention_heads",
+    "set_cpu_kernels",
+    "cpu_kernels",
+    "compile_head",
+    "COMPILE_MODES",
+]
 
 PATCH_SIZE = 16
 """Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
@@ -181,7 +189,55 @@ def _cpu_vendor() -> str:
 def _onednn_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype of the head's oneDNN linears for input `x`, or None where they do not apply (not CPU, gradients
     enabled, aten kernels, or an autocast/input dtype other than fp32 and bf16)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or cpu_kernels() != "onednn":
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or cpu_kernels() != "onednn":
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+"""`--compile_head` values: no compilation, or a `torch.compile` mode ("reduce-overhead" adds CUDA graphs)."""
+
+
+def compile_head(
+    head: HomographyRegression, mode: str, batch_size: int, device: torch.device, amp: bool = False
+) -> nn.Module:
+    """`torch.compile(head, mode=mode)` for inference on `device`, checked on one pass of `batch_size` pairs.
+
+    The compiled head is run once on random (batch_size, h*w, h, w) correlations (under autocast with `amp`, as
+    `score_pairs` runs it; this compiles the full-pass shape) and its points compared with the eager head's;
+    where compilation fails (no Triton or C++ compiler, an unsupported op) or the points differ by more than
+    rounding, a warning says why and the eager head is returned. "none" returns `head` as it is. Each distinct
+    pass size compiles once (the last pass of a run is usually shorter); "reduce-overhead" records a CUDA graph
+    per size.
+    """
+    import logging
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode == "none":
+        return head
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(batch_size, head.d_model, *head.grid_size, generator=generator).to(device)
+    example = F.normalize(example, dim=1)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        compiled = torch.compile(head, mode=mode, dynamic=False)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            expected = head(example).float()
+            points = compiled(example).float()
+    except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the eager head, with a warning
+        logging.warning(f"torch.compile of the DHE head (mode {mode}) failed, running it eagerly: {error!r}")
+        return head
+    # Pixels of the resized image. With amp the points are bf16 (or fp16) themselves: one unit in the last place is
+    # 2 px between 256 and 512, and two fusions of the same sums may round differently.
+    tolerance = 4.0 if amp else 0.05
+    difference = (points - expected).abs().max().item()
+    if not difference <= tolerance:
+        logging.warning(
+            f"torch.compile of the DHE head (mode {mode}) gives points {difference:.3g} px away from the eager "
+            f"head's (tolerance {tolerance} px), running it eagerly"
+        )
+        return head
+    logging.info(f"DHE head compiled with torch.compile (mode {mode}); points within {difference:.2g} px of eager")
+    return compiled
