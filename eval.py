@@ -158,6 +158,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, output_folder: Path
         "predictions": predictions,
         "reranked_predictions": reranked,
         "rerank_scores": scores,
+        "rerank_seconds": rerank_time,
         "output_folder": output_folder,
     }
 
