@@ -1,8 +1,9 @@
 """Evaluation building blocks: descriptors, the on-disk local-feature store, faiss search, recalls, re-ranking.
 
 Memory stays bounded by the global descriptors (N x 384 float32): local feature maps are written as float16 to a
-file in the run folder (`LocalFeatureStore`) and read back, a query's candidates at a time, with positioned reads
-(not a memory map, whose touched pages would count towards the process's resident memory).
+file in the run folder (`LocalFeatureStore`) and read back, one pass of the head's pairs at a time, with positioned
+reads (not a memory map, whose touched pages would count towards the process's resident memory), except those that
+fit in an explicit memory budget (GPU memory on CUDA by default).
 """
 
 from __future__ import annotations
