@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -123,11 +124,54 @@ def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
         heads = attention.num_heads
         qkv = _linear(x, attention.in_proj_weight, attention.in_proj_bias, dtype)
         query, key, value = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, dim)
+        if dtype == torch.bfloat16:
+            attended = _attention_bmm(query, key, value)
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)
         x = layer.norm1(x + _linear(attended, attention.out_proj.weight, attention.out_proj.bias, dtype))
         hidden = _linear(x, layer.linear1.weight, layer.linear1.bias, dtype, gelu=True)
         x = layer.norm2(x + _linear(hidden, layer.linear2.weight, layer.linear2.bias, dtype))
     return x
+
+
+def _attention_bmm(query: Tensor, key: Tensor, value: Tensor, chunk: int = 8) -> Tensor:
+    """Softmax attention of (B, heads, L, d) views as two batched matmuls, `chunk` pairs at a time.
+
+    On CPUs without AMX, bf16 `bmm` (a oneDNN matmul) and softmax beat the bf16 flash-attention kernel of
+    `scaled_dot_product_attention` (about 1.25x the head's speed on a 2-core AMD EPYC); this is the arithmetic of
+    `nn.MultiheadAttention`'s own path. The (chunk, heads, L, L) scores bound the extra memory (64 MB at 24 x 24).
+    """
+    batch, heads, length, head_dim = query.shape
+    scale = head_dim**-0.5
+    out = torch.empty(batch, length, heads, head_dim, dtype=value.dtype, device=value.device).transpose(1, 2)
+    for start in range(0, batch, chunk):
+        pairs = slice(start, start + chunk)
+        size = query[pairs].shape[0] * heads
+        q = (query[pairs] * scale).reshape(size, length, head_dim)
+        k = key[pairs].reshape(size, length, head_dim)
+        v = value[pairs].reshape(size, length, head_dim)
+        weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        out[pairs] = torch.bmm(weights, v).view(-1, heads, length, head_dim)
+    return out
+
+
+_cast_cache: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _cast_parameter(parameter: Tensor, dtype: torch.dtype) -> Tensor:
+    """`parameter.to(dtype)`, cached while the parameter lives unchanged (autocast caches its casts of weights
+    within one region only; the head's 20 M weights would otherwise be cast on every pass)."""
+    if parameter.dtype == dtype:
+        return parameter
+    key = id(parameter)
+    cached = _cast_cache.get(key)
+    if cached is None or cached[0]() is not parameter or cached[1] != parameter._version or cached[2].dtype != dtype:
+        if cached is None or cached[0]() is not parameter:
+            weakref.finalize(parameter, _cast_cache.pop, key, None)
+        cached = (weakref.ref(parameter), parameter._version, parameter.detach().to(dtype))
+        _cast_cache[key] = cached
+    return cached[2]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor, onednn_dtype: torch.dtype | None, gelu: bool = False) -> Tensor:
@@ -136,7 +180,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor, onednn_dtype: torch.dtype |
     if onednn_dtype is None:
         out = F.linear(x, weight, bias)
         return F.gelu(out) if gelu else out
-    x, weight, bias = x.to(onednn_dtype), weight.to(onednn_dtype), bias.to(onednn_dtype)
+    x, weight, bias = x.to(onednn_dtype), _cast_parameter(weight, onednn_dtype), _cast_parameter(bias, onednn_dtype)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 

@@ -356,3 +356,17 @@ def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", wrong_compile)
     assert dhe.compile_head(head, "reduce-overhead", 2, torch.device("cpu")) is head
     assert "gives points 1 px away from the eager head's (tolerance 0.05 px), running it eagerly" in caplog.text
+
+
+def test_cached_bf16_weights_follow_loaded_weights(cpu_kernels_restored):
+    """The oneDNN bf16 path caches the casts of the weights; loading other weights must invalidate them."""
+    dhe.set_cpu_kernels("onednn")
+    torch.manual_seed(0)
+    head, other = HomographyRegression(resize=(64, 64)).eval(), HomographyRegression(resize=(64, 64)).eval()
+    correlation = compute_similarity(torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        head(correlation)
+        expected = other(correlation)
+    head.load_state_dict(other.state_dict())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head(correlation), expected)
