@@ -25,6 +25,7 @@ re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import platform
@@ -41,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TQDM_DISABLE", "1")  # eval.py's progress bars would bury the figures
 
 import commons  # noqa: E402
 import datasets_ws  # noqa: E402
@@ -346,6 +346,7 @@ def main(args: argparse.Namespace) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # eval.py's log lines go to its (temporary) run folders
+    util.tqdm = functools.partial(util.tqdm, disable=True)  # and its progress bars would bury the figures
     print(
         f"{device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"head kernels on CPU: {dhe.cpu_kernels()}"
@@ -374,7 +375,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--e2e_resize", type=int, nargs=2, default=None, metavar=("H", "W"), help="end to end: size (--quick: 128)"
     )
-    parser.add_argument("--e2e_trunc_te", type=int, default=8, help="end to end: CCT blocks of the features extractor")
+    parser.add_argument(
+        "--e2e_trunc_te", type=int, default=None, help="end to end: CCT blocks of the features extractor (8; --quick 2)"
+    )
     parser.add_argument("--e2e_pass_size", type=int, default=None, help="end to end: --rerank_batch_size")
     parser.add_argument("--num_workers", type=int, default=2, help="end to end: eval.py's --num_workers")
     parser.add_argument("--compile_head", default="none", choices=dhe.COMPILE_MODES, help="end to end: --compile_head")
@@ -390,6 +393,8 @@ if __name__ == "__main__":
         args.pass_sizes = [32, 8] if not cuda else [512, 128, 32, 1024]
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
+    if args.e2e_trunc_te is None:
+        args.e2e_trunc_te = 2 if args.quick else 8
     if args.e2e_resize is None:
         args.e2e_resize = [128, 128] if args.quick else list(args.resize)
     for name in ("resize", "e2e_resize"):
