@@ -143,7 +143,7 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="Query-candidate pairs per pass of the DHE head when re-ranking; the pairs of consecutive queries fill "
-        "each pass. Default: 32 on CPU; on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else 32.",
+        "each pass. Default: 16 on CPU; on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else 32.",
     )
     group.add_argument(
         "--compile_head",
