@@ -140,7 +140,7 @@ def test_eval_with_a_corrupt_image_names_it_and_leaves_no_run_folder(tiny_world,
 
 
 def test_eval_with_local_features_in_memory_gives_the_same_ranking(tiny_world, tmp_path, monkeypatch):
-    """All records in RAM and 5 pairs a pass (passes across queries) against the defaults (file, 32 a pass)."""
+    """All records in RAM and 5 pairs a pass (passes across queries) against the defaults (file, 16 a pass)."""
     monkeypatch.chdir(tmp_path)
     default = run_eval(tiny_world, "--exp_name", "file")
     in_memory = run_eval(
