@@ -26,6 +26,7 @@ import util
 import visualize
 from datasets_ws import BaseDataset
 from model import FeaturesExtractor
+from model.dhe import compile_head
 
 NUM_CROPS = 5  # five_crops, nearest_crop and maj_voting describe each query by five square crops
 
@@ -130,23 +131,30 @@ def test(
 ) -> dict:
     """Recalls of `dataset` (any split) before and, when `rerank`, after re-ranking; the models end in eval mode.
 
-    Local features go to a temporary file in `output_folder` or `--local_features_dir` (only when re-ranking).
-    Fills and returns `results` as they become known (baseline_recalls, predictions, then reranked_recalls,
-    reranked_predictions, rerank_scores; the re-ranked ones are None without `rerank`), with output_folder.
+    Local features (only when re-ranking) are kept in memory under `--local_features_in_memory_mb`, the rest in a
+    temporary file in `output_folder` or `--local_features_dir`. Fills and returns `results` as they become known
+    (baseline_recalls, predictions, then reranked_recalls, reranked_predictions, rerank_scores, rerank_seconds; the
+    re-ranked ones are None without `rerank`), with output_folder.
     """
     results = {} if results is None else results
     results["output_folder"] = output_folder
     logging.info(f"{dataset.split.capitalize()} set: {dataset}")
 
-    store = (
-        util.LocalFeatureStore(
+    store = None
+    rerank_batch_size = args.rerank_batch_size or util.default_rerank_batch_size(device)
+    if rerank:
+        memory_budget, memory_device = util.local_features_memory_budget(args.local_features_in_memory_mb, device)
+        store = util.LocalFeatureStore(
             local_features_path(args, output_folder),
             len(dataset.images_paths),
             (features_extractor.features_dim, *features_extractor.grid_size),
+            memory_budget,
+            memory_device,
         )
-        if rerank
-        else None
-    )
+        logging.info(
+            f"Local features: {store.memory_bytes / 2**20:.1f} MB in {memory_device} memory, "
+            f"{store.file_bytes / 2**20:.1f} MB in {store.path}; re-ranking {rerank_batch_size} pairs per pass"
+        )
     try:
         start = time.perf_counter()
         database_descriptors = util.extract_features(
@@ -181,6 +189,10 @@ def test(
             return results
 
         start = time.perf_counter()
+        if args.compile_head != "none":
+            homography_regression = compile_head(
+                homography_regression, args.compile_head, rerank_batch_size, device, args.amp
+            )
         query_indexes = list(range(dataset.database_num, dataset.database_num + dataset.queries_num))
         reranked, scores = util.rerank_predictions(
             homography_regression,
@@ -188,7 +200,7 @@ def test(
             query_indexes,
             predictions,
             args.num_reranked_preds,
-            args.infer_batch_size,
+            rerank_batch_size,
             device,
             args.amp,
         )
@@ -221,6 +233,7 @@ def test(
             folder, dataset, saved, predictions, reranked, scores, args.num_preds_to_save, geometries, positives
         )
         logging.info(f"{len(saved)} prediction pictures saved to {folder}")
+    results["rerank_seconds"] = rerank_time
     return results
 
 

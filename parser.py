@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from model.dhe import PATCH_SIZE
+from model.dhe import COMPILE_MODES, PATCH_SIZE
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
 MAX_COUNT = 2**31 - 1  # counts, sizes and distances: anything larger is a typo, and overflows faiss or sklearn
@@ -105,7 +105,7 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--infer_batch_size",
         type=int,
         default=32,
-        help="Batch size for descriptor extraction, and query-candidate pairs per DHE batch.",
+        help="Batch size for descriptor extraction (the re-ranking has --rerank_batch_size).",
     )
 
 
@@ -142,6 +142,30 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         "--efficient_ram_testing",
         action="store_true",
         help="Kept for compatibility with the original; memory is always bounded here, so it changes nothing.",
+    )
+    group.add_argument(
+        "--rerank_batch_size",
+        type=int,
+        default=None,
+        help="Query-candidate pairs per pass of the DHE head when re-ranking; the pairs of consecutive queries fill "
+        "each pass. Default: 16 on CPU; on CUDA 512 with >= 24 GiB of GPU memory, 128 with >= 8 GiB, else 32.",
+    )
+    group.add_argument(
+        "--compile_head",
+        type=str,
+        default="none",
+        choices=COMPILE_MODES,
+        help="Compile the DHE head with torch.compile in this mode before re-ranking (reduce-overhead adds CUDA "
+        "graphs; meant for GPUs). The compiled head is checked against the eager one on one pass; if compiling fails "
+        "or disagrees, a warning says so and the head runs eagerly.",
+    )
+    group.add_argument(
+        "--local_features_in_memory_mb",
+        type=int,
+        default=-1,
+        help="Keep up to this many MB of the fp16 local features (database first) in memory instead of the run "
+        "folder's local_features.f16 file: GPU memory on CUDA, host RAM on CPU; the rest goes to the file. -1: "
+        "automatic, half of the free GPU memory on CUDA, 0 on CPU (the page cache keeps the file in RAM).",
     )
     group.add_argument(
         "--save_predictions",
@@ -425,6 +449,12 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             parser.error("--save_only_wrong_preds needs --num_preds_to_save N with N > 0")
         if args.save_only_wrong_preds and args.no_labels:
             parser.error("--save_only_wrong_preds needs labels: it cannot be used with --no_labels")
+    if getattr(args, "rerank_batch_size", None) is not None and args.rerank_batch_size <= 0:
+        parser.error(f"--rerank_batch_size {args.rerank_batch_size}: must be a positive integer")
+    if getattr(args, "local_features_in_memory_mb", -1) < -1:
+        parser.error(
+            f"--local_features_in_memory_mb {args.local_features_in_memory_mb}: must be >= 0 (MB), or -1 (automatic)"
+        )
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: must be >= 0")
     if any(n <= 0 for n in args.recall_values):

@@ -1,12 +1,14 @@
 """Evaluation building blocks: descriptors, the on-disk local-feature store, faiss search, recalls, re-ranking.
 
 Memory stays bounded by the global descriptors (N x 384 float32): local feature maps are written as float16 to a
-file in the run folder (`LocalFeatureStore`) and read back, a query's candidates at a time, with positioned reads
-(not a memory map, whose touched pages would count towards the process's resident memory).
+file in the run folder (`LocalFeatureStore`) and read back, one pass of the head's pairs at a time, with positioned
+reads (not a memory map, whose touched pages would count towards the process's resident memory), except those that
+fit in an explicit memory budget (GPU memory on CUDA by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import errno
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -33,6 +36,8 @@ __all__ = [
     "compute_recalls",
     "recalls_to_str",
     "rerank_predictions",
+    "default_rerank_batch_size",
+    "local_features_memory_budget",
     "save_predictions",
     "save_results",
 ]
@@ -68,51 +73,76 @@ def _file_size_limit() -> int | None:
 
 
 class LocalFeatureStore:
-    """Fixed-size float16 records of local features (C, h, w), one per image index, in a file.
+    """Fixed-size float16 records of local features (C, h, w), one per image index, in memory and in a file.
 
-    The file's final size (`size_bytes`) is known at the start: the free space of its disk and the file-size limit
+    The first `num_in_memory` records (the database comes first in a dataset's indexes, and its records are read
+    again and again by the re-ranking) live in one float16 tensor on `memory_device` (host RAM or GPU memory),
+    bounded by `memory_budget_bytes`; the others in a file, read back with positioned reads (not a memory map,
+    whose touched pages would count towards the process's resident memory).
+
+    The file's final size (`file_bytes`) is known at the start: the free space of its disk and the file-size limit
     are checked before anything is extracted, and a write that fails later for lack of space raises the same clear
     OSError (ENOSPC/EFBIG) naming the file, the size and `--local_features_dir`.
 
     Args:
-        path: the file; created (truncated) here and deleted by `close(delete=True)`.
+        path: the file; created (truncated) here and deleted by `close(delete=True)`. It holds the records that do
+            not fit in memory (`file_bytes`), and is created empty when all of them fit.
         num_records: how many images.
         feature_shape: (C, h, w) of one record.
+        memory_budget_bytes: at most this many bytes of records are kept in memory (0: all in the file).
+        memory_device: where the in-memory records live.
     """
 
-    def __init__(self, path: str | Path, num_records: int, feature_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        num_records: int,
+        feature_shape: tuple[int, int, int],
+        memory_budget_bytes: int = 0,
+        memory_device: torch.device | str = "cpu",
+    ) -> None:
+        if memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
         self.path = Path(path)
         self.num_records = num_records
         self.feature_shape = tuple(feature_shape)
         self.record_bytes = int(np.prod(self.feature_shape)) * 2
-        self.size_bytes = self.record_bytes * num_records
+        self.num_in_memory = min(num_records, memory_budget_bytes // self.record_bytes)
+        self.memory_device = torch.device(memory_device)
+        self.file_bytes = self.record_bytes * (num_records - self.num_in_memory)
         self._fd = None
         self._check_room()
+        self._memory = torch.empty((self.num_in_memory, *self.feature_shape), dtype=torch.float16, device=memory_device)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(self._fd, self.size_bytes)
+            os.ftruncate(self._fd, self.file_bytes)
         except OSError as error:
             self.close()
             if error.errno in _OUT_OF_SPACE:
                 raise self._out_of_space(error) from error
             raise
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of records held in memory (on `memory_device`)."""
+        return self.num_in_memory * self.record_bytes
+
     def _need(self) -> str:
         return (
-            f"the local features of {self.num_records} images need {self.size_bytes / 1e9:.3g} GB "
-            f"({self.size_bytes} bytes) in {self.path}"
+            f"the local features of {self.num_records - self.num_in_memory} images need {self.file_bytes / 1e9:.3g} "
+            f"GB ({self.file_bytes} bytes) in {self.path}"
         )
 
     def _check_room(self) -> None:
         limit = _file_size_limit()
-        if limit is not None and self.size_bytes > limit:
+        if limit is not None and self.file_bytes > limit:
             raise OSError(
                 errno.EFBIG,
                 f"{self._need()}, more than this process's file-size limit of {limit} bytes (ulimit -f); raise the "
                 f"limit, or put the file where another limit applies with --local_features_dir DIR",
             )
         free = shutil.disk_usage(self.path.parent).free
-        if free < self.size_bytes:
+        if free < self.file_bytes:
             raise OSError(errno.ENOSPC, f"{self._need()}, but only {free / 1e9:.3g} GB are free there; {_MOVE_HINT}")
 
     def _out_of_space(self, error: OSError) -> OSError:
@@ -125,33 +155,74 @@ class LocalFeatureStore:
                 f"expected ({len(indexes)}, {', '.join(map(str, self.feature_shape))}) features, "
                 f"got {tuple(features.shape)}"
             )
-        array = features.detach().to("cpu", torch.float16).numpy()
-        for index, record in zip(indexes, array):
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        for index in indexes:
             self._check_index(int(index))
-            try:
-                written = os.pwrite(self._fd, record.tobytes(), int(index) * self.record_bytes)
-            except OSError as error:
-                if error.errno in _OUT_OF_SPACE:
-                    raise self._out_of_space(error) from error
-                raise
-            if written != self.record_bytes:  # a short write: the disk filled up during this one
-                raise self._out_of_space(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        features = features.detach()
+        in_memory = indexes < self.num_in_memory
+        if in_memory.any():
+            rows = torch.from_numpy(np.flatnonzero(in_memory)).to(features.device)
+            self._memory[torch.from_numpy(indexes[in_memory]).to(self.memory_device)] = features.index_select(
+                0, rows
+            ).to(self.memory_device, torch.float16)
+        if not in_memory.all():
+            rows = torch.from_numpy(np.flatnonzero(~in_memory)).to(features.device)
+            array = features.index_select(0, rows).to("cpu", torch.float16).numpy()
+            for index, record in zip(indexes[~in_memory], array):
+                try:
+                    written = os.pwrite(self._fd, record.tobytes(), self._offset(int(index)))
+                except OSError as error:
+                    if error.errno in _OUT_OF_SPACE:
+                        raise self._out_of_space(error) from error
+                    raise
+                if written != self.record_bytes:  # a short write: the disk filled up during this one
+                    raise self._out_of_space(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
-    def read(self, indexes: Sequence[int]) -> Tensor:
-        """Features (B, C, h, w) float16 of `indexes` (B,)."""
-        out = np.empty((len(indexes), *self.feature_shape), dtype=np.float16)
-        for slot, index in enumerate(indexes):
-            self._check_index(int(index))
-            data = os.pread(self._fd, self.record_bytes, int(index) * self.record_bytes)
-            out[slot] = np.frombuffer(data, dtype=np.float16).reshape(self.feature_shape)
-        return torch.from_numpy(out)
+    def read(self, indexes: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """Features (B, C, h, w) float16 of `indexes` (B,), on `device`."""
+        return self.assemble(indexes, self.read_file_part(indexes), torch.device(device))
+
+    def read_file_part(self, indexes: Sequence[int], pin_memory: bool = False) -> Tensor:
+        """The records of `indexes` that are in the file, in their order: (F, C, h, w) float16 on the host, in
+        pinned memory with `pin_memory` (for non-blocking copies to a GPU). The first half of `read`; it does not
+        touch the in-memory records, so that a reader thread can run it while the model runs."""
+        indexes = [int(index) for index in indexes]
+        for index in indexes:
+            self._check_index(index)
+        in_file = [index for index in indexes if index >= self.num_in_memory]
+        out = torch.empty((len(in_file), *self.feature_shape), dtype=torch.float16, pin_memory=pin_memory)
+        buffer = out.view(torch.uint8).numpy().reshape(len(in_file), self.record_bytes)
+        for slot, index in enumerate(in_file):
+            if os.preadv(self._fd, [buffer[slot]], self._offset(index)) != self.record_bytes:
+                raise OSError(f"{self.path}: short read of record {index} (the file was truncated?)")
+        return out
+
+    def assemble(self, indexes: Sequence[int], file_part: Tensor, device: torch.device) -> Tensor:
+        """Features (B, C, h, w) float16 of `indexes` (B,) on `device`, from the in-memory records and `file_part`
+        (from `read_file_part` of the same indexes), copied without blocking where the source is pinned."""
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        in_memory = indexes < self.num_in_memory
+        file_part = file_part.to(device, non_blocking=True)
+        if not in_memory.any():
+            return file_part
+        from_memory = self._memory[torch.from_numpy(indexes[in_memory]).to(self.memory_device)].to(device)
+        if in_memory.all():
+            return from_memory
+        out = torch.empty((len(indexes), *self.feature_shape), dtype=torch.float16, device=device)
+        out[torch.from_numpy(np.flatnonzero(in_memory)).to(device)] = from_memory
+        out[torch.from_numpy(np.flatnonzero(~in_memory)).to(device)] = file_part
+        return out
+
+    def _offset(self, index: int) -> int:
+        return (index - self.num_in_memory) * self.record_bytes
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} out of range for a store of {self.num_records}")
 
     def close(self, delete: bool = True) -> None:
-        """Close the file, and delete it unless `delete=False`."""
+        """Close the file, and delete it unless `delete=False`; free the in-memory records."""
+        self._memory = self._memory[:0]
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -163,6 +234,36 @@ class LocalFeatureStore:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def default_rerank_batch_size(device: torch.device) -> int:
+    """Pairs per pass of the DHE head when `--rerank_batch_size` is not given.
+
+    CPU: 16. The head is ~30 GFLOP a pair, so the per-pass costs do not matter, while passes whose activations
+    outgrow the cache are slower a pair (2-core AMD EPYC, 32 MB L3, single-thread CPU time per pair at 4/8/16/32
+    pairs a pass: fp32 5.7/5.4/5.3/4.8 pairs/s, bf16 9.4/10.6/11.0/8.1 pairs/s). CUDA: 512 with >= 24 GiB of GPU
+    memory, 128 with >= 8 GiB, else 32 (a pass needs ~15 MB of activations a pair in fp32).
+    """
+    if device.type != "cuda":
+        return 16
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 512 if total >= 24 * 2**30 else 128 if total >= 8 * 2**30 else 32
+
+
+def local_features_memory_budget(requested_mb: int, device: torch.device) -> tuple[int, torch.device]:
+    """(bytes, device) of the in-memory part of the `LocalFeatureStore` for `--local_features_in_memory_mb`.
+
+    A budget >= 0 is taken as given, in GPU memory on CUDA and host RAM otherwise. -1 (automatic): on CUDA half of
+    the GPU memory free now (after the models are loaded), which spares the file reads and host-to-GPU copies; on
+    CPU 0, because the operating system's page cache already keeps a file that fits in RAM in RAM (without counting
+    towards the process's memory) and a reader thread overlaps the reads with the head, which is the cost there.
+    """
+    if requested_mb >= 0:
+        return requested_mb * 2**20, device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2, device
+    return 0, device
 
 
 def extract_features(
@@ -304,50 +405,77 @@ def rerank_predictions(
     batch_size: int,
     device: torch.device,
     amp: bool = False,
+    prefetch: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each query's top `num_reranked` predictions by the DHE inlier count.
+
+    The (query, candidate) pairs of all queries, query-major, are scored `batch_size` at a time (the last pass
+    may be shorter), so that queries fill each pass of the head whatever `num_reranked`. With `prefetch` a reader
+    thread reads the next pass's local features from the store's file (into pinned memory on CUDA) while the
+    head runs; memory holds the features of at most two passes beyond the store's in-memory part. The passes, and
+    so the scores, do not depend on `prefetch` nor on which records the store keeps in memory.
 
     Args:
         store: local features of every image, at dataset indexes (database index = prediction value).
         query_indexes: (Q,) store indexes of the queries.
         predictions: (Q, k) database indexes.
+        batch_size: pairs per pass of the head (`--rerank_batch_size`).
     Returns:
         (reranked predictions (Q, k), scores (Q, num_reranked') of the reranked head), num_reranked' =
         min(num_reranked, k). Predictions beyond num_reranked' keep their order. Ties are ordered as the original
         (`argsort()[::-1]` of the scores), except when every score of a query ties (e.g. all 0: a grid too small
         for 4 matches): that query keeps its global order, with a warning, instead of getting it reversed.
     """
-    from model.homography import rerank_scores
+    from model.homography import score_pairs
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     num_reranked = min(num_reranked, predictions.shape[1])
     homography_regression.eval()
+    candidates = predictions[:, :num_reranked]  # (Q, K)
+    pair_queries = np.repeat(np.asarray(query_indexes, dtype=np.int64), num_reranked)  # (Q * K,) store indexes
+    pair_candidates = candidates.reshape(-1).astype(np.int64)
+    num_pairs = len(pair_queries)
+    pin_memory = device.type == "cuda"
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
+        """The distinct records of the pass at `start` (queries and candidates), where each pair's query and
+        candidate are among them, and the part of those records that is in the store's file."""
+        stop = min(start + batch_size, num_pairs)
+        records, inverse = np.unique(
+            np.concatenate([pair_queries[start:stop], pair_candidates[start:stop]]), return_inverse=True
+        )
+        return records, inverse, store.read_file_part(records, pin_memory)
+
+    scores = []
+    with (
+        torch.inference_mode(),
+        ThreadPoolExecutor(1, thread_name_prefix="local-features") if prefetch else contextlib.nullcontext() as reader,
+        tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar,
+    ):
+        pending = reader.submit(read, 0) if prefetch and num_pairs else None
+        for start in range(0, num_pairs, batch_size):
+            records, inverse, file_part = pending.result() if prefetch else read(start)
+            if prefetch and start + batch_size < num_pairs:
+                pending = reader.submit(read, start + batch_size)
+            features = store.assemble(records, file_part, device)
+            inverse = torch.from_numpy(inverse).to(device)
+            num = len(inverse) // 2
+            scores.append(score_pairs(homography_regression, features[inverse[:num]], features[inverse[num:]], amp))
+            bar.n = (start + num) // num_reranked
+            bar.refresh()
+    scores = torch.cat(scores).double().cpu().numpy() if scores else np.zeros(0)
+    scores = scores.reshape(len(query_indexes), num_reranked)
     reranked = predictions.copy()
-    all_scores = np.zeros((len(query_indexes), num_reranked), dtype=np.float64)
-    # Queries go in groups that fill a batch of pairs (one query when it has batch_size candidates or more), so
-    # that memory holds at most max(batch_size, num_reranked) candidate maps.
-    group = max(1, batch_size // num_reranked)
-    tied_queries = 0
-    with torch.inference_mode(), tqdm(total=len(query_indexes), desc="re-ranking", ncols=100, leave=False) as bar:
-        for start in range(0, len(query_indexes), group):
-            rows = slice(start, start + group)
-            candidates = predictions[rows, :num_reranked]  # (G, K)
-            local_queries = store.read(query_indexes[rows]).to(device).float()
-            local_candidates = store.read(candidates.ravel().tolist()).to(device).float()
-            local_candidates = local_candidates.view(*candidates.shape, *local_candidates.shape[1:])
-            scores = rerank_scores(homography_regression, local_queries, local_candidates, batch_size, amp)
-            scores = scores.double().cpu().numpy()
-            order, tied = _rerank_order(scores)
-            tied_queries += int(tied.sum())
-            reranked[rows, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
-            all_scores[rows] = np.take_along_axis(scores, order, axis=1)
-            bar.update(len(candidates))
-    if tied_queries and num_reranked > 1:
+    order, tied = _rerank_order(scores)
+    if tied.any() and num_reranked > 1:
         logging.warning(
-            f"For {tied_queries} of {len(query_indexes)} queries every re-ranked candidate got the same score: they "
-            f"keep their global order. Equal scores of 0 mean fewer than 4 mutual matches (a --resize grid too "
+            f"For {int(tied.sum())} of {len(query_indexes)} queries every re-ranked candidate got the same score: "
+            f"they keep their global order. Equal scores of 0 mean fewer than 4 mutual matches (a --resize grid too "
             f"small) or DHE head outputs that are not finite."
         )
-    return reranked, all_scores
+    reranked[:, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
+    return reranked, np.take_along_axis(scores, order, axis=1)
 
 
 def _rerank_order(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,13 @@
 """Peak resident memory of `eval.py` for two database sizes, against holding every fp32 local map in RAM.
 
     python benchmarks/bench_eval_memory.py                    # 250 and 1000 database images at --resize 192 192
+    python benchmarks/bench_eval_memory.py --in_memory_mb 32  # also with 32 MB of local features kept in RAM
 
 Each size is a synthetic world (synthetic.py) evaluated by `eval.py` in a fresh process, whose peak RSS
 (ru_maxrss) is read at its end. The growth per database image between the two sizes is what the database costs;
-the original kept a (384, h, w) fp32 local map per image in RAM, 0.88 MB an image at 384 x 384.
+the original kept a (384, h, w) fp32 local map per image in RAM, 0.88 MB an image at 384 x 384. With
+`--in_memory_mb`, each size runs again with `--local_features_in_memory_mb` at that budget: the peak may grow by the
+budget at most, whatever the database size.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_rss_kb(world: Path, resize: tuple[int, int], num_reranked: int, workdir: Path) -> int:
+def peak_rss_kb(
+    world: Path, resize: tuple[int, int], num_reranked: int, workdir: Path, in_memory_mb: int | None = None
+) -> int:
     argv = ["--datasets_folder", str(world.parent), "--dataset_name", world.name, "--resize", *map(str, resize)]
+    if in_memory_mb is not None:
+        argv += ["--local_features_in_memory_mb", str(in_memory_mb)]
     argv += ["--device", "cpu", "--num_workers", "0", "--num_reranked_preds", str(num_reranked), "--exp_name", "mem"]
     completed = subprocess.run(
         [sys.executable, "-c", CHILD.format(root=str(ROOT)), *argv],
@@ -50,6 +57,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10, help="Test queries of each world.")
     parser.add_argument("--resize", type=int, nargs=2, default=[192, 192], help="Image size of worlds and eval.")
     parser.add_argument("--num_reranked_preds", type=int, default=4, help="Candidates re-ranked per query.")
+    parser.add_argument(
+        "--in_memory_mb", type=int, default=None, help="Also run with this --local_features_in_memory_mb budget."
+    )
     args = parser.parse_args()
     small, large = sorted(args.sizes)
     height, width = args.resize
@@ -68,6 +78,15 @@ def main() -> None:
             )
             peaks[size] = peak_rss_kb(world, (height, width), args.num_reranked_preds, temporary)
             print(f"database {size:5d} images: peak RSS {peaks[size] / 1024:8.1f} MB", flush=True)
+            if args.in_memory_mb is not None:
+                budget_peak = peak_rss_kb(world, (height, width), args.num_reranked_preds, temporary, args.in_memory_mb)
+                record_mb = channels * grid * 2 / 2**20
+                held_mb = min(args.in_memory_mb // record_mb, size + args.queries) * record_mb
+                print(
+                    f"      with --local_features_in_memory_mb {args.in_memory_mb}: peak RSS {budget_peak / 1024:8.1f} "
+                    f"MB, +{(budget_peak - peaks[size]) / 1024:.1f} MB for {held_mb:.1f} MB of features in RAM",
+                    flush=True,
+                )
     growth_kb = (peaks[large] - peaks[small]) / (large - small)
     descriptor_kb = channels * 4 / 1024
     print(f"growth per database image: {growth_kb:.2f} KB (of which the global descriptor: {descriptor_kb:.2f} KB)")

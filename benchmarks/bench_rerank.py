@@ -1,27 +1,38 @@
-"""Re-ranking throughput: the batched DHE scoring of model.homography against a per-pair loop like the original's.
+"""Re-ranking throughput: the original-style per-pair path, our kernel at several pass sizes, and eval.py's
+re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
 
-Random-weight models in eval mode, local features precomputed by the FeaturesExtractor from procedural images
-(per query: the query texture, a few perspective-warped copies of it among its candidates, the rest distractors),
-so that the mutual matches look like real ones. Feature extraction is not timed. For each query its
-``--num_reranked_preds`` candidates are scored by:
+1. Kernel, at ``--resize`` (384 x 384 by default), on local features precomputed by a random-weight
+   FeaturesExtractor from procedural images (per query: the query texture, a few perspective-warped copies of it
+   among its ``--num_reranked_preds`` candidates, the rest distractors), feature extraction not timed:
+   (b) per pair, as the original's test.py: the head (its nn.TransformerEncoder modules, as the original ran
+       them) on chunks of 32 pairs, then a Python loop over the candidates with a ``nonzero`` per pair, numpy
+       keypoints and CPU round trips;
+   (a) ours: ``model.homography.rerank_scores`` (correlation -> head -> DLT -> inlier count, all pairs of a pass
+       at once) at each ``--pass_sizes``, queries filling the passes; on CPU also with the head's linears on
+       aten's kernels (``model.dhe.set_cpu_kernels("aten")``: MKL's sgemm) instead of the automatic choice;
+   (c) (a) with the head under autocast (bf16; fp16 on GPUs without bf16): the ``--amp`` path.
+   Every variant runs ``--rounds`` times, interleaved (b, a, a', c, ... b, a, ...), and the best round counts, so
+   that load from other processes (a shared CPU) hits them alike; the median is printed too.
+2. End to end: ``eval.py`` on a generated synthetic world with ``--e2e_queries`` test queries and
+   ``--e2e_database`` database images at ``--e2e_resize``, random weights, fp32 then ``--amp``; its re-ranking
+   stage (reading the local features, the head, DLT, scoring, sorting) against the kernel's rate at the same size
+   and pass size, as a fraction.
 
-(a) batched: ``model.homography.rerank_scores``: correlation -> head -> DLT -> inlier count, ``--batch_size``
-    pairs per pass, matching and counting for all of them in a few tensor operations;
-(b) per pair, as the original's test.py / homography_project.py: the head (its nn.TransformerEncoder modules, as
-    the original ran them) on chunks of ``--batch_size`` pairs, then a Python loop over the candidates with a
-    ``nonzero`` per pair, numpy keypoints and CPU round-trips;
-(c) (a) with the head under ``torch.autocast`` (bfloat16 on CPU): the ``--amp`` path.
-
-It prints pairs/s of each, the ratios, the same for the scoring stage alone (head outputs given), and how often the
-top-1 candidate after re-ranking agrees between fp32 and amp (random weights: only indicative).
-
-    python benchmarks/bench_rerank.py [--num_queries 4] [--num_reranked_preds 32] [--resize 384 384] [--threads 2]
+    python benchmarks/bench_rerank.py --quick            # CPU, a few minutes: 2 queries at 384, e2e at 128 x 128
+    python benchmarks/bench_rerank.py --device cuda      # GPU: 16 queries at 384, e2e 500 queries at 384
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +43,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import commons  # noqa: E402
 import datasets_ws  # noqa: E402
-from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
+import util  # noqa: E402
+from model import FeaturesExtractor, HomographyRegression, compute_similarity, dhe  # noqa: E402
 from model.dhe import PATCH_SIZE  # noqa: E402
-from model.homography import inlier_scores, points_to_homography, rerank_scores  # noqa: E402
+from model.homography import rerank_scores  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)
@@ -159,12 +172,15 @@ def per_pair_rerank_scores(
     return scores
 
 
-def timed(fn, repeats: int = 1):
-    """(result of the last call, seconds per call)."""
+def timed(fn, device: torch.device):
+    """(result, seconds) of one call, synchronising a GPU around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        result = fn()
-    return result, (time.perf_counter() - start) / repeats
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def top1(scores: np.ndarray) -> int:
@@ -172,93 +188,229 @@ def top1(scores: np.ndarray) -> int:
     return int(scores.argsort()[::-1][0])
 
 
-def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resize {tuple(args.resize)}")
-    start = time.perf_counter()
-    local_q, local_candidates = build_features(args)
-    num_queries, num_candidates = local_candidates.shape[:2]
-    num_pairs = num_queries * num_candidates
-    print(
-        f"{num_queries} queries x {num_candidates} candidates, local features {tuple(local_q.shape[1:])} "
-        f"(extracted in {time.perf_counter() - start:.1f} s, not timed)"
-    )
-    torch.manual_seed(args.seed)
-    head = HomographyRegression(resize=tuple(args.resize)).eval()
-    with torch.no_grad():  # spread the random head's corners over the image, as a trained head's are
-        height, width = args.resize
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if f" {flag}" in flags]
+    return f"{model} ({os.cpu_count()} CPUs; {', '.join(extras) or 'no AVX-512'})"
+
+
+def head_with_spread_corners(resize: tuple[int, int], seed: int) -> HomographyRegression:
+    """A random-weight head in eval mode whose corners spread over the image, as a trained head's are."""
+    torch.manual_seed(seed)
+    head = HomographyRegression(resize=resize).eval()
+    with torch.no_grad():
+        height, width = resize
         corners = torch.tensor([[8, 8], [width - 8, 8], [8, height - 8], [width - 8, height - 8]], dtype=torch.float)
         head.linear.bias.copy_(torch.cat([corners, corners]).flatten())
         head.linear.weight.mul_(0.1)
+    return head
 
-    def batched(amp: bool) -> list[np.ndarray]:
-        return [
-            rerank_scores(head, local_q[q], local_candidates[q], args.batch_size, amp=amp).numpy()
-            for q in range(num_queries)
-        ]
 
-    def per_pair() -> list[np.ndarray]:
-        return [
-            per_pair_rerank_scores(head, local_q[q], local_candidates[q], args.batch_size) for q in range(num_queries)
-        ]
-
-    # Warm-up on one query, untimed.
-    rerank_scores(head, local_q[0], local_candidates[0, : args.batch_size], args.batch_size)
-    rerank_scores(head, local_q[0], local_candidates[0, : args.batch_size], args.batch_size, amp=True)
-    scores_batched, time_batched = timed(lambda: batched(False))
-    scores_per_pair, time_per_pair = timed(per_pair)
-    scores_amp, time_amp = timed(lambda: batched(True))
-    max_difference = max(np.abs(a - b).max() for a, b in zip(scores_batched, scores_per_pair))
-
-    # The scoring stage alone, given the head's points (as a fast head on an accelerator would leave it).
-    with torch.inference_mode():
-        points = [
-            head(compute_similarity(local_q[q : q + 1].expand(num_candidates, -1, -1, -1), local_candidates[q]))
-            for q in range(num_queries)
-        ]
-        thetas = [points_to_homography(p) for p in points]
-    kps = original_keypoints(tuple(args.resize))
-    _, time_scoring_batched = timed(
-        lambda: [inlier_scores(local_q[q : q + 1], local_candidates[q], thetas[q]) for q in range(num_queries)],
-        args.repeats,
-    )
-    _, time_scoring_per_pair = timed(
-        lambda: [per_pair_match_scores(local_q[q], local_candidates[q], thetas[q], kps) for q in range(num_queries)],
-        args.repeats,
-    )
-
-    print(f"\n{'path':<44} {'pairs/s':>9} {'ratio':>7}")
-    print(f"{'(b) per pair, as the original':<44} {num_pairs / time_per_pair:9.2f} {1:7.2f}")
-    print(f"{'(a) batched (rerank_scores)':<44} {num_pairs / time_batched:9.2f} {time_per_pair / time_batched:7.2f}")
-    print(f"{'(c) batched, head under autocast bf16 (--amp)':<44} {num_pairs / time_amp:9.2f} ", end="")
-    print(f"{time_per_pair / time_amp:7.2f}   ({time_batched / time_amp:.2f}x (a))")
-    print(f"{'scoring only, per pair':<44} {num_pairs / time_scoring_per_pair:9.1f} {1:7.2f}")
+def kernel_section(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Section 1; returns pairs/s of each variant."""
+    start = time.perf_counter()
+    local_q, local_candidates = build_features(args)
+    local_q, local_candidates = local_q.to(device), local_candidates.to(device)
+    num_queries, num_candidates = local_candidates.shape[:2]
+    num_pairs = num_queries * num_candidates
     print(
-        f"{'scoring only, batched (inlier_scores)':<44} {num_pairs / time_scoring_batched:9.1f} "
-        f"{time_scoring_per_pair / time_scoring_batched:7.2f}"
+        f"\n1. kernel: {num_queries} queries x {num_candidates} candidates at {tuple(args.resize)}, local features "
+        f"{tuple(local_q.shape[1:])} (extracted in {time.perf_counter() - start:.1f} s, not timed)"
     )
-    print(f"\nlargest score difference, batched vs per pair: {max_difference:.0f} inliers")
-    top1_agree = np.mean([top1(a) == top1(b) for a, b in zip(scores_batched, scores_amp)])
-    mean_change = np.mean([np.abs(a - b).mean() for a, b in zip(scores_batched, scores_amp)])
+    head = head_with_spread_corners(tuple(args.resize), args.seed).to(device)
+    automatic = dhe.cpu_kernels()
+
+    def ours(pass_size: int, amp: bool, kernels: str = "auto"):
+        def run():
+            dhe.set_cpu_kernels(kernels)
+            try:
+                return rerank_scores(head, local_q, local_candidates, pass_size, amp=amp).cpu().numpy()
+            finally:
+                dhe.set_cpu_kernels("auto")
+
+        return run
+
+    def per_pair():
+        return np.stack([per_pair_rerank_scores(head, local_q[q], local_candidates[q], 32) for q in range(num_queries)])
+
+    variants = {"(b) per pair, as the original (fp32)": per_pair}
+    for pass_size in args.pass_sizes:
+        variants[f"(a) ours fp32, {pass_size} pairs a pass"] = ours(pass_size, False)
+    if device.type == "cpu" and automatic != "aten":
+        variants[f"(a') ours fp32, {args.pass_sizes[0]} a pass, aten kernels"] = ours(args.pass_sizes[0], False, "aten")
+    for pass_size in args.pass_sizes:
+        variants[f"(c) ours amp, {pass_size} pairs a pass"] = ours(pass_size, True)
+    if device.type == "cpu" and automatic != "aten":
+        variants[f"(c') ours amp, {args.pass_sizes[0]} a pass, aten kernels"] = ours(args.pass_sizes[0], True, "aten")
+    # Warm-up (oneDNN primitives, CUDA kernels and allocator) on one query, untimed.
+    for pass_size in args.pass_sizes:
+        for amp in (False, True):
+            rerank_scores(head, local_q[:1], local_candidates[:1], pass_size, amp=amp)
+    seconds = {name: [] for name in variants}
+    results = {}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            results[name], elapsed = timed(fn, device)
+            seconds[name].append(elapsed)
+    baseline = num_pairs / min(seconds["(b) per pair, as the original (fp32)"])
+    print(f"{'path':<48} {'pairs/s':>9} {'median':>9} {'x (b)':>7}   (best of {args.rounds} interleaved rounds)")
+    rates = {}
+    for name in variants:
+        rates[name] = num_pairs / min(seconds[name])
+        median = num_pairs / statistics.median(seconds[name])
+        print(f"{name:<48} {rates[name]:9.2f} {median:9.2f} {rates[name] / baseline:7.2f}")
+    fp32 = results[f"(a) ours fp32, {args.pass_sizes[0]} pairs a pass"]
+    amp = results[f"(c) ours amp, {args.pass_sizes[0]} pairs a pass"]
+    difference = np.abs(fp32 - results["(b) per pair, as the original (fp32)"]).max()
+    print(f"largest score difference, ours fp32 vs per pair: {difference:.0f} inliers")
+    agree = np.mean([top1(a) == top1(b) for a, b in zip(fp32, amp)])
     print(
-        f"top-1 after re-ranking, fp32 vs amp: same for {top1_agree:.0%} of {num_queries} queries; "
-        f"mean |score change| {mean_change:.2f} inliers (random weights: only indicative)"
+        f"top-1 after re-ranking, fp32 vs amp: same for {agree:.0%} of {num_queries} queries; mean |score change| "
+        f"{np.abs(fp32 - amp).mean():.2f} inliers (random weights: only indicative; see bench_amp_agreement.py)"
     )
+    return rates
+
+
+def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
+    """Section 2: eval.py's re-ranking stage against the kernel at the same size and pass size."""
+    import eval as eval_script
+    import synthetic
+    from model import FeaturesExtractor
+    from model.checkpoints import save_state_dict
+
+    resize = tuple(args.e2e_resize)
+    pass_size = args.e2e_pass_size or util.default_rerank_batch_size(device)
+    print(
+        f"\n2. eval.py end to end: {args.e2e_queries} queries x {args.num_reranked_preds} candidates, "
+        f"{args.e2e_database} database images at {resize}, {pass_size} pairs a pass, random weights"
+    )
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory() as temporary:
+        temporary = Path(temporary)
+        start = time.perf_counter()
+        synthetic.generate_world(
+            temporary / "worlds",
+            "bench",
+            image_size=resize,
+            database_per_split=(2, 2, args.e2e_database),
+            queries_per_split=(1, 1, args.e2e_queries),
+        )
+        torch.manual_seed(args.seed)
+        save_state_dict(FeaturesExtractor(resize=resize, trunc_te=args.e2e_trunc_te), temporary / "fe.torch")
+        head = head_with_spread_corners(resize, args.seed)
+        save_state_dict(head, temporary / "hr.torch")
+        print(f"world and checkpoints in {time.perf_counter() - start:.1f} s (not timed)")
+        argv = ["--datasets_folder", str(temporary / "worlds"), "--dataset_name", "bench"]
+        argv += ["--resize", *map(str, resize), "--trunc_te", str(args.e2e_trunc_te), "--device", device.type]
+        argv += ["--resume_fe", str(temporary / "fe.torch"), "--resume_hr", str(temporary / "hr.torch")]
+        argv += ["--num_workers", str(args.num_workers), "--rerank_batch_size", str(pass_size)]
+        argv += ["--num_reranked_preds", str(args.num_reranked_preds), "--recall_values", "1"]
+        argv += ["--compile_head", args.compile_head]
+
+        # The kernel's rate at the same size: rerank_scores on random unit features, in memory, same pass size.
+        generator = torch.Generator().manual_seed(args.seed)
+        grid = (resize[0] // PATCH_SIZE, resize[1] // PATCH_SIZE)
+        kernel_queries = max(1, 4 * pass_size // args.num_reranked_preds)  # 4 passes
+        local_q = F.normalize(torch.randn(kernel_queries, 384, *grid, generator=generator), dim=1).to(device)
+        local_c = F.normalize(
+            torch.randn(kernel_queries, args.num_reranked_preds, 384, *grid, generator=generator), dim=2
+        ).to(device)
+        head = head.to(device)
+        os.chdir(temporary)
+        try:
+            print(f"{'precision':<10} {'kernel pairs/s':>15} {'eval.py pairs/s':>16} {'fraction':>9}")
+            for amp in (False, True):
+
+                def kernel_rate(amp: bool = amp) -> float:
+                    _, seconds = timed(lambda: rerank_scores(head, local_q, local_c, pass_size, amp=amp), device)
+                    return local_c.shape[0] * local_c.shape[1] / seconds
+
+                kernel_rate()  # warm-up
+                before = kernel_rate()
+                result = eval_script.cli([*argv, "--exp_name", "amp" if amp else "fp32", *(["--amp"] if amp else [])])
+                pairs = result["rerank_scores"].size
+                e2e_rate = pairs / result["rerank_seconds"]
+                # The better of the rates measured just before and after the run (the machine's load may vary).
+                kernel_rate = max(before, kernel_rate())
+                name = "amp" if amp else "fp32"
+                print(f"{name:<10} {kernel_rate:15.2f} {e2e_rate:16.2f} {e2e_rate / kernel_rate:9.0%}", flush=True)
+        finally:
+            os.chdir(cwd)
+
+
+def main(args: argparse.Namespace) -> None:
+    device = commons.resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    logging.disable(logging.INFO)  # eval.py's log lines go to its (temporary) run folders
+    util.tqdm = functools.partial(util.tqdm, disable=True)  # and its progress bars would bury the figures
+    print(
+        f"{device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"head kernels on CPU: {dhe.cpu_kernels()}"
+    )
+    if not args.skip_kernel:
+        kernel_section(args, device)
+    if not args.skip_e2e:
+        end_to_end_section(args, device)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_queries", type=int, default=4, help="queries to re-rank")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
+    parser.add_argument("--quick", action="store_true", help="CPU defaults that finish in a few minutes")
+    parser.add_argument("--num_queries", type=int, default=None, help="kernel: queries (default 16; --quick 2)")
     parser.add_argument("--num_reranked_preds", type=int, default=32, help="candidates re-ranked per query")
-    parser.add_argument("--resize", type=int, nargs=2, default=[384, 384], metavar=("H", "W"), help="image size")
+    parser.add_argument("--resize", type=int, nargs=2, default=[384, 384], metavar=("H", "W"), help="kernel size")
+    parser.add_argument(
+        "--pass_sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="kernel: pairs a pass (CPU 16 32 8; CUDA 512 128 32 1024)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; --quick 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--batch_size", type=int, default=32, help="pairs per pass of the head (infer_batch_size)")
     parser.add_argument("--warped_copies", type=int, default=4, help="warped copies of the query among its candidates")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of the scoring-only stage")
+    parser.add_argument("--e2e_queries", type=int, default=500, help="end to end: test queries of the world")
+    parser.add_argument("--e2e_database", type=int, default=64, help="end to end: database images of the world")
+    parser.add_argument(
+        "--e2e_resize", type=int, nargs=2, default=None, metavar=("H", "W"), help="end to end: size (--quick: 128)"
+    )
+    parser.add_argument(
+        "--e2e_trunc_te", type=int, default=None, help="end to end: CCT blocks of the features extractor (8; --quick 2)"
+    )
+    parser.add_argument("--e2e_pass_size", type=int, default=None, help="end to end: --rerank_batch_size")
+    parser.add_argument("--num_workers", type=int, default=2, help="end to end: eval.py's --num_workers")
+    parser.add_argument("--compile_head", default="none", choices=dhe.COMPILE_MODES, help="end to end: --compile_head")
+    parser.add_argument("--skip_kernel", action="store_true", help="skip section 1")
+    parser.add_argument("--skip_e2e", action="store_true", help="skip section 2")
+    parser.add_argument("--batch_size", type=int, default=32, help="features extraction batch size (not timed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and the weights")
     args = parser.parse_args()
-    if any(size <= 0 or size % PATCH_SIZE for size in args.resize):
-        parser.error(f"--resize: each side must be a positive multiple of {PATCH_SIZE}")
-    if min(args.num_queries, args.num_reranked_preds, args.threads, args.batch_size, args.repeats) < 1:
-        parser.error("--num_queries, --num_reranked_preds, --threads, --batch_size and --repeats must be positive")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.num_queries is None:
+        args.num_queries = 2 if args.quick else 16
+    if args.pass_sizes is None:
+        args.pass_sizes = [16, 32, 8] if not cuda else [512, 128, 32, 1024]
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    if args.e2e_trunc_te is None:
+        args.e2e_trunc_te = 2 if args.quick else 8
+    if args.e2e_resize is None:
+        args.e2e_resize = [128, 128] if args.quick else list(args.resize)
+    for name in ("resize", "e2e_resize"):
+        if any(size <= 0 or size % PATCH_SIZE for size in getattr(args, name)):
+            parser.error(f"--{name}: each side must be a positive multiple of {PATCH_SIZE}")
+    positive = ["num_queries", "num_reranked_preds", "threads", "rounds", "e2e_queries", "e2e_database", "batch_size"]
+    if min(getattr(args, name) for name in positive) < 1 or min(args.pass_sizes) < 1:
+        parser.error(f"--{', --'.join(positive)} and --pass_sizes must be positive")
+    if args.e2e_database < args.num_reranked_preds:
+        parser.error("--e2e_database must be at least --num_reranked_preds")
     main(args)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HomographyRegression", "compute_similarity", "attention_heads"]
+__all__ = [
+    "HomographyRegression",
+    "compute_similarity",
+    "attention_heads",
+    "set_cpu_kernels",
+    "cpu_kernels",
+    "compile_head",
+    "COMPILE_MODES",
+]
 
 PATCH_SIZE = 16
 """Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
@@ -103,15 +114,176 @@ def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
 
     The same arithmetic as `nn.TransformerEncoder`, written out with one fused QKV projection and
     `scaled_dot_product_attention` on (B, heads, L, E / heads) views: it skips the layout copies of
-    `nn.MultiheadAttention` and is about 1.2x faster on CPU at the default size (benchmarks/bench_rerank.py).
+    `nn.MultiheadAttention`. Without gradients on a CPU where `cpu_kernels()` is "onednn", the linear layers run
+    as oneDNN matmuls (`_linear`, GELU fused into the first feed-forward one), and under bf16 autocast the
+    attention as two bf16 batched matmuls (`_attention_bmm`).
     """
     batch, length, dim = x.shape
+    dtype = _onednn_dtype(x)
     for layer in encoder.layers:
         attention = layer.self_attn
         heads = attention.num_heads
-        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+        qkv = _linear(x, attention.in_proj_weight, attention.in_proj_bias, dtype)
         query, key, value = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, dim)
-        x = layer.norm1(x + attention.out_proj(attended))
-        x = layer.norm2(x + layer.linear2(F.gelu(layer.linear1(x))))
+        if dtype == torch.bfloat16:
+            attended = _attention_bmm(query, key, value)
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        x = layer.norm1(x + _linear(attended, attention.out_proj.weight, attention.out_proj.bias, dtype))
+        hidden = _linear(x, layer.linear1.weight, layer.linear1.bias, dtype, gelu=True)
+        x = layer.norm2(x + _linear(hidden, layer.linear2.weight, layer.linear2.bias, dtype))
     return x
+
+
+def _attention_bmm(query: Tensor, key: Tensor, value: Tensor, chunk: int = 1) -> Tensor:
+    """Softmax attention of (B, heads, L, d) views as two batched matmuls, `chunk` pairs at a time.
+
+    On CPUs without AMX, bf16 `bmm` (a oneDNN matmul) and softmax beat the bf16 flash-attention kernel of
+    `scaled_dot_product_attention` (1.34x the head's speed at 8 pairs a pass on a 2-core AMD EPYC); this is the
+    arithmetic of `nn.MultiheadAttention`'s own path. One pair at a time, its (heads, L, L) scores stay in cache
+    (8 MB at 24 x 24; 2 pairs at a time were 1.18x slower, 8 pairs 1.45x slower).
+    """
+    batch, heads, length, head_dim = query.shape
+    scale = head_dim**-0.5
+    out = torch.empty(batch, length, heads, head_dim, dtype=value.dtype, device=value.device).transpose(1, 2)
+    for start in range(0, batch, chunk):
+        pairs = slice(start, start + chunk)
+        size = query[pairs].shape[0] * heads
+        q = (query[pairs] * scale).reshape(size, length, head_dim)
+        k = key[pairs].reshape(size, length, head_dim)
+        v = value[pairs].reshape(size, length, head_dim)
+        weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        out[pairs] = torch.bmm(weights, v).view(-1, heads, length, head_dim)
+    return out
+
+
+_cast_cache: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _cast_parameter(parameter: Tensor, dtype: torch.dtype) -> Tensor:
+    """`parameter.to(dtype)`, cached while the parameter lives unchanged (autocast caches its casts of weights
+    within one region only; the head's 20 M weights would otherwise be cast on every pass)."""
+    if parameter.dtype == dtype:
+        return parameter
+    key = id(parameter)
+    cached = _cast_cache.get(key)
+    if cached is None or cached[0]() is not parameter or cached[1] != parameter._version or cached[2].dtype != dtype:
+        if cached is None or cached[0]() is not parameter:
+            weakref.finalize(parameter, _cast_cache.pop, key, None)
+        cached = (weakref.ref(parameter), parameter._version, parameter.detach().to(dtype))
+        _cast_cache[key] = cached
+    return cached[2]
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, onednn_dtype: torch.dtype | None, gelu: bool = False) -> Tensor:
+    """`F.linear` (then exact GELU with `gelu`), (..., in) -> (..., out); with `onednn_dtype` a oneDNN matmul whose
+    inputs and weights are cast to that dtype, as autocast's `linear` casts them (the output has that dtype)."""
+    if onednn_dtype is None:
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    x, weight, bias = x.to(onednn_dtype), _cast_parameter(weight, onednn_dtype), _cast_parameter(bias, onednn_dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+CPU_KERNELS = ("auto", "onednn", "aten")
+_cpu_kernels = "auto"
+
+
+def set_cpu_kernels(kind: str) -> None:
+    """Choose how the head's linear layers run on CPU at inference (no gradients).
+
+    "aten": `F.linear`, i.e. MKL's sgemm in fp32 and whatever autocast picks in bf16. "onednn": oneDNN matmuls
+    (`torch.ops.mkldnn._linear_pointwise`). "auto" (the default): oneDNN on AMD (and Hygon) CPUs, where MKL's
+    sgemm takes a slower code path than on Intel CPUs (measured ~2x slower than oneDNN on a 2-core AMD EPYC
+    without AMX, benchmarks/bench_rerank.py), and aten elsewhere (the Intel figures were measured with it).
+    Training (gradients enabled) always uses aten. The outputs differ by rounding only (~1e-6 relative in fp32).
+    """
+    global _cpu_kernels
+    if kind not in CPU_KERNELS:
+        raise ValueError(f"cpu kernels {kind!r}: expected one of {', '.join(CPU_KERNELS)}")
+    _cpu_kernels = kind
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels the head uses at inference: "onednn" or "aten" (see `set_cpu_kernels`)."""
+    if _cpu_kernels == "aten" or not _onednn_linear_available():
+        return "aten"
+    if _cpu_kernels == "onednn":
+        return "onednn"
+    return "onednn" if _cpu_vendor() in ("AuthenticAMD", "HygonGenuine") else "aten"
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """x86 vendor string of the CPU ("GenuineIntel", "AuthenticAMD", ...), "" where unknown (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype of the head's oneDNN linears for input `x`, or None where they do not apply (not CPU, gradients
+    enabled, aten kernels, or an autocast/input dtype other than fp32 and bf16)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or cpu_kernels() != "onednn":
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+"""`--compile_head` values: no compilation, or a `torch.compile` mode ("reduce-overhead" adds CUDA graphs)."""
+
+
+def compile_head(
+    head: HomographyRegression, mode: str, batch_size: int, device: torch.device, amp: bool = False
+) -> nn.Module:
+    """`torch.compile(head, mode=mode)` for inference on `device`, checked on one pass of `batch_size` pairs.
+
+    The compiled head is run once on random (batch_size, h*w, h, w) correlations (under autocast with `amp`, as
+    `score_pairs` runs it; this compiles the full-pass shape) and its points compared with the eager head's;
+    where compilation fails (no Triton or C++ compiler, an unsupported op) or the points differ by more than
+    rounding, a warning says why and the eager head is returned. "none" returns `head` as it is. Each distinct
+    pass size compiles once (the last pass of a run is usually shorter); "reduce-overhead" records a CUDA graph
+    per size.
+    """
+    import logging
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode == "none":
+        return head
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(batch_size, head.d_model, *head.grid_size, generator=generator).to(device)
+    example = F.normalize(example, dim=1)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        compiled = torch.compile(head, mode=mode, dynamic=False)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            expected = head(example).float()
+            points = compiled(example).float()
+    except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the eager head, with a warning
+        logging.warning(f"torch.compile of the DHE head (mode {mode}) failed, running it eagerly: {error!r}")
+        return head
+    # Pixels of the resized image. With amp the points are bf16 (or fp16) themselves: one unit in the last place is
+    # 2 px between 256 and 512, and two fusions of the same sums may round differently.
+    tolerance = 4.0 if amp else 0.05
+    difference = (points - expected).abs().max().item()
+    if not difference <= tolerance:
+        logging.warning(
+            f"torch.compile of the DHE head (mode {mode}) gives points {difference:.3g} px away from the eager "
+            f"head's (tolerance {tolerance} px), running it eagerly"
+        )
+        return head
+    logging.info(f"DHE head compiled with torch.compile (mode {mode}); points within {difference:.2g} px of eager")
+    return compiled

@@ -297,23 +297,47 @@ def rerank_scores(
     device = local_candidates.device
     candidates = local_candidates.reshape(num_queries * num_candidates, *local_candidates.shape[2:])
     query_of_pair = torch.arange(num_queries, device=device).repeat_interleave(num_candidates)
-    amp_dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
     scores = []
     with torch.inference_mode():
         for start in range(0, candidates.shape[0], batch_size):
-            candidate_features = candidates[start : start + batch_size].float()
-            query_features = local_q[query_of_pair[start : start + batch_size]].float()
-            with torch.autocast(device.type, enabled=False):
-                correlation = compute_similarity(query_features, candidate_features)
-            # Without amp the caller's autocast state, if any, applies to the head.
-            with torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext():
-                points = homography_regression(correlation)
-            H = points_to_homography(points)
-            scores.append(inlier_scores(query_features, candidate_features, H, image_hw))
+            pairs = slice(start, start + batch_size)
+            scores.append(
+                score_pairs(homography_regression, local_q[query_of_pair[pairs]], candidates[pairs], amp, image_hw)
+            )
     scores = torch.cat(scores).view(num_queries, num_candidates)
     return scores[0] if single_query else scores
+
+
+def score_pairs(
+    homography_regression: nn.Module,
+    query_features: Tensor,
+    candidate_features: Tensor,
+    amp: bool = False,
+    image_hw: tuple[int, int] | None = None,
+) -> Tensor:
+    """One pass of the head over B pairs: correlation -> head -> DLT -> inlier counts (see `rerank_scores`).
+
+    Args:
+        query_features: (B, C, h, w) query local features of each pair (any float dtype; used in float32).
+        candidate_features: (B, C, h, w) candidate local features.
+        amp, image_hw: as in `rerank_scores`.
+
+    Returns:
+        (B,) float32 inlier counts, on the features' device.
+    """
+    device = candidate_features.device
+    amp_dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16
+    with torch.inference_mode():
+        candidate_features, query_features = candidate_features.float(), query_features.float()
+        with torch.autocast(device.type, enabled=False):
+            correlation = compute_similarity(query_features, candidate_features)
+        # Without amp the caller's autocast state, if any, applies to the head.
+        with torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext():
+            points = homography_regression(correlation)
+        H = points_to_homography(points)
+        return inlier_scores(query_features, candidate_features, H, image_hw)
 
 
 def find_homography_ransac(

@@ -141,3 +141,16 @@ def test_eval_with_a_corrupt_image_names_it_and_leaves_no_run_folder(tiny_world,
     with pytest.raises(OSError, match=f"cannot read image {broken}"):
         run_eval(world)
     assert not any((tmp_path / "logs").rglob("*"))
+
+
+def test_eval_with_local_features_in_memory_gives_the_same_ranking(tiny_world, tmp_path, monkeypatch):
+    """All records in RAM and 5 pairs a pass (passes across queries) against the defaults (file, 16 a pass)."""
+    monkeypatch.chdir(tmp_path)
+    default = run_eval(tiny_world, "--exp_name", "file")
+    in_memory = run_eval(
+        tiny_world, "--exp_name", "memory", "--local_features_in_memory_mb", "1", "--rerank_batch_size", "5"
+    )
+    np.testing.assert_array_equal(in_memory["reranked_predictions"], default["reranked_predictions"])
+    np.testing.assert_array_equal(in_memory["rerank_scores"], default["rerank_scores"])
+    info = (in_memory["output_folder"] / "info.log").read_text()
+    assert "Local features: 0.3 MB in cpu memory, 0.0 MB in local_features.f16; re-ranking 5 pairs per pass" in info

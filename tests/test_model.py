@@ -13,7 +13,7 @@ from conftest import (
     reference_homography_regression,
 )
 
-from model import CCT, FeaturesExtractor, HomographyRegression, compute_similarity
+from model import CCT, FeaturesExtractor, HomographyRegression, compute_similarity, dhe
 from model.cct import load_pretrained_cct, resize_positional_embedding
 from model.checkpoints import (
     CheckpointMismatchError,
@@ -300,3 +300,76 @@ def test_head_encoders_match_torch_transformer_encoder(train):
     encoded = head.encoder(sequence)
     expected = head.linear((head.encoder2(encoded) + encoded).transpose(1, 2).reshape(3, -1)).reshape(3, 8, 2)
     torch.testing.assert_close(head(correlation), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def cpu_kernels_restored():
+    yield
+    dhe.set_cpu_kernels("auto")
+
+
+@pytest.mark.parametrize("kernels", ["aten", "onednn"])
+def test_head_inference_kernels_match_torch_transformer_encoder(kernels, cpu_kernels_restored):
+    """Without gradients the head may run its linears as oneDNN matmuls: the same outputs as the modules, to the
+    rounding of a different GEMM (same tolerance as with gradients)."""
+    torch.manual_seed(0)
+    head = HomographyRegression(resize=(96, 64)).eval()
+    for parameter in head.parameters():
+        parameter.data.normal_(0, 0.05)
+    correlation = compute_similarity(torch.randn(3, 16, 6, 4), torch.randn(3, 16, 6, 4))
+    dhe.set_cpu_kernels(kernels)
+    with torch.inference_mode():
+        sequence = correlation.reshape(3, 24, 24).transpose(1, 2) + head.pe.transpose(1, 2)
+        encoded = head.encoder(sequence)
+        expected = head.linear((head.encoder2(encoded) + encoded).transpose(1, 2).reshape(3, -1)).reshape(3, 8, 2)
+        torch.testing.assert_close(head(correlation), expected, atol=1e-5, rtol=1e-5)
+        # bf16 autocast: both kernels cast the linears' inputs and weights to bf16 and keep the residual stream
+        # fp32; they differ from fp32 by bf16 rounding (8 bits of mantissa: ~4e-3 relative per rounding, a few
+        # roundings deep; 1.4e-3 measured), well below the spread of the points (std ~0.15 here).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp_points = head(correlation)
+        torch.testing.assert_close(amp_points.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_cpu_kernels_choice(cpu_kernels_restored):
+    dhe.set_cpu_kernels("aten")
+    assert dhe.cpu_kernels() == "aten"
+    dhe.set_cpu_kernels("onednn")
+    assert dhe.cpu_kernels() == ("onednn" if torch.backends.mkldnn.is_available() else "aten")
+    with pytest.raises(ValueError, match="cpu kernels 'mkl'"):
+        dhe.set_cpu_kernels("mkl")
+
+
+def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval()
+    assert dhe.compile_head(head, "none", 2, torch.device("cpu")) is head
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        dhe.compile_head(head, "fast", 2, torch.device("cpu"))
+
+    def failing_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    assert dhe.compile_head(head, "default", 2, torch.device("cpu")) is head
+    assert "failed, running it eagerly: RuntimeError('no compiler here')" in caplog.text
+
+    def wrong_compile(module, **kwargs):
+        return lambda x: module(x) + 1.0  # a "compiled" head one pixel off
+
+    monkeypatch.setattr(torch, "compile", wrong_compile)
+    assert dhe.compile_head(head, "reduce-overhead", 2, torch.device("cpu")) is head
+    assert "gives points 1 px away from the eager head's (tolerance 0.05 px), running it eagerly" in caplog.text
+
+
+def test_cached_bf16_weights_follow_loaded_weights(cpu_kernels_restored):
+    """The oneDNN bf16 path caches the casts of the weights; loading other weights must invalidate them."""
+    dhe.set_cpu_kernels("onednn")
+    torch.manual_seed(0)
+    head, other = HomographyRegression(resize=(64, 64)).eval(), HomographyRegression(resize=(64, 64)).eval()
+    correlation = compute_similarity(torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        head(correlation)
+        expected = other(correlation)
+    head.load_state_dict(other.state_dict())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head(correlation), expected)

@@ -56,6 +56,8 @@ def test_datasets_folder_from_environment(monkeypatch):
         (["--recall_values", "1", "-5"], "--recall_values [1, -5]"),
         (["--trunc_te", "20"], "argument --trunc_te: invalid choice"),
         (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--rerank_batch_size", "0"], "--rerank_batch_size 0: must be a positive integer"),
+        (["--local_features_in_memory_mb", "-2"], "--local_features_in_memory_mb -2: must be >= 0 (MB), or -1"),
     ],
 )
 def test_bad_values_are_named(argv, message, capsys):

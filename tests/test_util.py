@@ -145,3 +145,69 @@ def test_reranking_groups_queries_and_orders_ties_as_the_original(tmp_path, batc
         np.testing.assert_array_equal(reranked[row, :4], candidates[order])
         np.testing.assert_array_equal(scores[row], expected[order])
         assert reranked[row, 4] == predictions[row, 4]  # beyond the re-ranked head, the order is kept
+
+
+@pytest.mark.parametrize(("budget_records", "in_memory"), [(0, 0), (3, 3), (2.5, 2), (100, 7)])
+def test_local_feature_store_memory_budget(tmp_path, budget_records, in_memory):
+    """The first records that fit in the budget stay in memory, the others go to the file; reads mix both."""
+    path = tmp_path / "local.f16"
+    record_bytes = 8 * 3 * 2 * 2
+    features = torch.randn(7, 8, 3, 2, generator=torch.Generator().manual_seed(0))
+    store = util.LocalFeatureStore(path, 7, (8, 3, 2), memory_budget_bytes=int(budget_records * record_bytes))
+    assert store.num_in_memory == in_memory
+    assert store.memory_bytes == in_memory * record_bytes <= budget_records * record_bytes
+    assert store.file_bytes == path.stat().st_size == (7 - in_memory) * record_bytes
+    store.write([6, 0, 3, 2, 5, 1, 4], features[[6, 0, 3, 2, 5, 1, 4]])
+    read = store.read([5, 0, 6, 2, 0])
+    assert read.dtype == torch.float16 and read.shape == (5, 8, 3, 2)
+    assert torch.equal(read, features[[5, 0, 6, 2, 0]].half())
+    assert store.read_file_part([5, 0, 6, 2, 0]).shape[0] == sum(i >= in_memory for i in (5, 0, 6, 2, 0))
+    assert path.stat().st_size == store.file_bytes  # writes of in-memory records did not grow the file
+    store.close()
+    assert not path.exists()
+
+
+def rerank_world(tmp_path, budget_records: int):
+    """A store of 12 records (8 database, 4 queries) of random features, with `budget_records` in memory."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(12, 16, 4, 4, generator=generator), dim=1)
+    features[8:] = torch.nn.functional.normalize(features[[1, 3, 5, 7]] + 0.7 * features[8:], dim=1)
+    store = util.LocalFeatureStore(
+        tmp_path / f"local{budget_records}.f16", 12, (16, 4, 4), memory_budget_bytes=budget_records * 16 * 16 * 2
+    )
+    store.write(list(range(12)), features)
+    return store, features.half()
+
+
+@pytest.mark.parametrize("batch_size", [3, 8, 64])
+def test_overlapped_and_in_memory_reranking_equal_the_file_path(tmp_path, batch_size):
+    """Where the features come from (file, memory or both) and whether a reader thread prefetches them change
+    nothing: the passes are the same pairs, so the same kernels run on the same fp16 values, and the scores and
+    rankings are equal, bit for bit, to the file path read in the main thread and to `rerank_scores`."""
+    from model import HomographyRegression
+    from model.homography import rerank_scores
+
+    torch.manual_seed(0)
+    head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval()
+    with torch.no_grad():  # corners spread over the 64 x 64 image, moved a little by the correlation
+        head.linear.weight.mul_(0.5)
+        head.linear.bias.copy_(torch.tensor([8.0, 8, 56, 8, 8, 56, 56, 56] * 2))
+    predictions = np.array([[1, 0, 2, 6, 4], [3, 2, 1, 0, 7], [5, 4, 6, 7, 0], [7, 6, 5, 4, 3]])
+    query_indexes = [8, 9, 10, 11]
+    results = []
+    for budget_records, prefetch in ((0, False), (0, True), (5, True), (12, True), (5, False)):
+        store, features = rerank_world(tmp_path, budget_records)
+        results.append(
+            util.rerank_predictions(
+                head, store, query_indexes, predictions, 4, batch_size, torch.device("cpu"), prefetch=prefetch
+            )
+        )
+        store.close()
+    reference_reranked, reference_scores = results[0]
+    print(reference_scores)
+    assert len(np.unique(reference_scores)) > 3  # scores that tell the candidates apart
+    for reranked, scores in results[1:]:
+        np.testing.assert_array_equal(reranked, reference_reranked)
+        np.testing.assert_array_equal(scores, reference_scores)
+    direct = rerank_scores(head, features[query_indexes], features[predictions[:, :4]], batch_size).double().numpy()
+    np.testing.assert_array_equal(np.sort(direct, axis=1)[:, ::-1], reference_scores)
