@@ -153,4 +153,5 @@ def test_eval_with_local_features_in_memory_gives_the_same_ranking(tiny_world, t
     np.testing.assert_array_equal(in_memory["reranked_predictions"], default["reranked_predictions"])
     np.testing.assert_array_equal(in_memory["rerank_scores"], default["rerank_scores"])
     info = (in_memory["output_folder"] / "info.log").read_text()
-    assert "Local features: 0.3 MB in cpu memory, 0.0 MB in local_features.f16; re-ranking 5 pairs per pass" in info
+    store = in_memory["output_folder"] / "local_features.f16"
+    assert f"Local features: 0.3 MB in cpu memory, 0.0 MB in {store}; re-ranking 5 pairs per pass" in info
