@@ -46,6 +46,7 @@ __all__ = [
     "NonFiniteLossError",
     "Task",
     "amp_dtype",
+    "worker_init",
     "autocast",
     "atomic_save",
     "capture_rng_states",
@@ -91,6 +92,15 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     """A GradScaler that scales only for float16 autocast (bfloat16 needs none); a pass-through otherwise."""
     return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGHUP: the main process gets them too (`timeout` and schedulers signal
+    the whole process group) and shuts its workers down itself; a worker killed first would turn the clean stop into
+    a "DataLoader worker ... killed by signal" error."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------------- files
