@@ -115,8 +115,10 @@ def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
     The same arithmetic as `nn.TransformerEncoder`, written out with one fused QKV projection and
     `scaled_dot_product_attention` on (B, heads, L, E / heads) views: it skips the layout copies of
     `nn.MultiheadAttention`. Without gradients on a CPU where `cpu_kernels()` is "onednn", the linear layers run
-    as oneDNN matmuls (`_linear`, GELU fused into the first feed-forward one), and under bf16 autocast the
-    attention as two bf16 batched matmuls (`_attention_bmm`).
+    as oneDNN matmuls (`_linear`, GELU fused into the first feed-forward one; bf16 weights cast once under bf16
+    autocast). The attention stays `scaled_dot_product_attention` (flash on CPU): in bf16 without AMX, two bf16
+    `bmm` + softmax one pair at a time take 1.34x less CPU time, but with 2 threads on a loaded machine their
+    many small parallel regions made the head 1.9x slower; flash has one per layer.
     """
     batch, length, dim = x.shape
     dtype = _onednn_dtype(x)
@@ -125,37 +127,11 @@ def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
         heads = attention.num_heads
         qkv = _linear(x, attention.in_proj_weight, attention.in_proj_bias, dtype)
         query, key, value = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-        if dtype == torch.bfloat16:
-            attended = _attention_bmm(query, key, value)
-        else:
-            attended = F.scaled_dot_product_attention(query, key, value)
-        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, dim)
         x = layer.norm1(x + _linear(attended, attention.out_proj.weight, attention.out_proj.bias, dtype))
         hidden = _linear(x, layer.linear1.weight, layer.linear1.bias, dtype, gelu=True)
         x = layer.norm2(x + _linear(hidden, layer.linear2.weight, layer.linear2.bias, dtype))
     return x
-
-
-def _attention_bmm(query: Tensor, key: Tensor, value: Tensor, chunk: int = 1) -> Tensor:
-    """Softmax attention of (B, heads, L, d) views as two batched matmuls, `chunk` pairs at a time.
-
-    On CPUs without AMX, bf16 `bmm` (a oneDNN matmul) and softmax beat the bf16 flash-attention kernel of
-    `scaled_dot_product_attention` (1.34x the head's speed at 8 pairs a pass on a 2-core AMD EPYC); this is the
-    arithmetic of `nn.MultiheadAttention`'s own path. One pair at a time, its (heads, L, L) scores stay in cache
-    (8 MB at 24 x 24; 2 pairs at a time were 1.18x slower, 8 pairs 1.45x slower).
-    """
-    batch, heads, length, head_dim = query.shape
-    scale = head_dim**-0.5
-    out = torch.empty(batch, length, heads, head_dim, dtype=value.dtype, device=value.device).transpose(1, 2)
-    for start in range(0, batch, chunk):
-        pairs = slice(start, start + chunk)
-        size = query[pairs].shape[0] * heads
-        q = (query[pairs] * scale).reshape(size, length, head_dim)
-        k = key[pairs].reshape(size, length, head_dim)
-        v = value[pairs].reshape(size, length, head_dim)
-        weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
-        out[pairs] = torch.bmm(weights, v).view(-1, heads, length, head_dim)
-    return out
 
 
 _cast_cache: dict[int, tuple[weakref.ref, int, Tensor]] = {}
