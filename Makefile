@@ -28,7 +28,7 @@ format: $(STAMP)
 
 # demo.py: make the synthetic world (or reuse it), train_dhe.py, finetune.py, eval.py; prints the recall table
 demo: $(STAMP)
-	$(PY) demo.py --datasets_folder datasets_vg/datasets --num_workers 2
+	$(PY) demo.py --datasets_folder datasets_vg/datasets
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

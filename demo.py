@@ -26,11 +26,11 @@ DATASET_NAME = "synthetic_demo"
 # Every street a sequence of the same dozen facades: a pooled global descriptor cannot tell places apart, a
 # homography between the local features can. 192 x 192 images, so that eval needs no resize.
 WORLD_FLAGS = ["--image_size", "192", "192", "--shared_fraction", "1.0", "--shared_buildings", "12"]
-MODEL_FLAGS = ["--resize", "192", "192", "--trunc_te", "2", "--freeze_te", "0", "--num_reranked_preds", "8"]
-TRAIN_DHE_FLAGS = ["--qp_mode", "gt", "--n_epochs", "2", "--iterations_per_epoch", "50", "--batch_size", "8"]
-TRAIN_DHE_FLAGS += ["--lr", "0.0005"]
-FINETUNE_FLAGS = ["--epochs_num", "2", "--queries_per_epoch", "100", "--cache_refresh_rate", "100"]
-FINETUNE_FLAGS += ["--train_batch_size", "4", "--lr", "0.00005", "--rerank_val_from_epoch", "0"]
+MODEL_FLAGS = ["--resize", "128", "128", "--trunc_te", "2", "--freeze_te", "0", "--num_reranked_preds", "8"]
+TRAIN_DHE_FLAGS = ["--qp_mode", "gt", "--n_epochs", "6", "--iterations_per_epoch", "50", "--batch_size", "8"]
+TRAIN_DHE_FLAGS += ["--lr", "0.003"]
+FINETUNE_FLAGS = ["--epochs_num", "1", "--queries_per_epoch", "100", "--cache_refresh_rate", "100"]
+FINETUNE_FLAGS += ["--train_batch_size", "4", "--lr", "0.0001", "--rerank_val_from_epoch", "0"]
 FINETUNE_FLAGS += ["--neg_samples_num", "200"]
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="Where to run.")
     parser.add_argument(
-        "--num_workers", type=int, default=2, help="Data loader workers of each script, 0 to 64 (default: 2)."
+        "--num_workers", type=int, default=0, help="Data loader workers of each script, 0 to 64 (default: 0)."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of every stage; the same seed, the same numbers.")
     parser.add_argument(
