@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import eval as evaluation
@@ -27,9 +28,19 @@ DATASET_NAME = "synthetic_demo"
 # homography between the local features can. 192 x 192 images, so that eval needs no resize.
 WORLD_FLAGS = ["--image_size", "192", "192", "--shared_fraction", "1.0", "--shared_buildings", "12"]
 MODEL_FLAGS = ["--resize", "128", "128", "--trunc_te", "2", "--freeze_te", "0", "--num_reranked_preds", "8"]
-TRAIN_DHE_FLAGS = ["--qp_mode", "gt", "--n_epochs", "6", "--iterations_per_epoch", "50", "--batch_size", "8"]
+DHE_EPOCHS, FINETUNE_EPOCHS = 6, 1
+TRAIN_DHE_FLAGS = [
+    "--qp_mode",
+    "gt",
+    "--n_epochs",
+    str(DHE_EPOCHS),
+    "--iterations_per_epoch",
+    "50",
+    "--batch_size",
+    "8",
+]
 TRAIN_DHE_FLAGS += ["--lr", "0.003"]
-FINETUNE_FLAGS = ["--epochs_num", "1", "--queries_per_epoch", "100", "--cache_refresh_rate", "100"]
+FINETUNE_FLAGS = ["--epochs_num", str(FINETUNE_EPOCHS), "--queries_per_epoch", "100", "--cache_refresh_rate", "100"]
 FINETUNE_FLAGS += ["--train_batch_size", "4", "--lr", "0.0001", "--rerank_val_from_epoch", "0"]
 FINETUNE_FLAGS += ["--neg_samples_num", "200"]
 
@@ -101,6 +112,14 @@ def recall_table(rows: Sequence[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def run_stage(title: str, script: str, cli: Callable[[list[str]], dict], argv: list[str]) -> tuple[dict, float]:
+    """Print the stage's title and its equivalent command line, run `cli(argv)`; returns its result and seconds."""
+    print(f"\n== {title}\n   python {script} {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    result = cli(argv)
+    return result, time.perf_counter() - start
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run the four stages; print and return {"times": {stage: s}, "train_dhe", "finetune", "eval": results}."""
     datasets_folder = Path(args.datasets_folder)
@@ -112,32 +131,31 @@ def main(args: argparse.Namespace) -> dict:
     reused = ensure_world(datasets_folder, args.seed)
     times["world (reused)" if reused else "world"] = time.perf_counter() - start
 
-    print("\n== 1/3 train_dhe.py: DHE initialisation on the frozen backbone")
-    start = time.perf_counter()
-    dhe = train_dhe.cli([*common, *TRAIN_DHE_FLAGS, "--exp_name", f"{args.exp_name}_train_dhe"])
-    times["train_dhe"] = time.perf_counter() - start
-    last_dhe_epoch = int(TRAIN_DHE_FLAGS[TRAIN_DHE_FLAGS.index("--n_epochs") + 1]) - 1
-    head = dhe["output_folder"] / f"homography_regression_{last_dhe_epoch:03d}.torch"
-
-    print("\n== 2/3 finetune.py: backbone and head together")
-    start = time.perf_counter()
-    joint = finetune.cli(
-        [*common, *FINETUNE_FLAGS, "--resume_hr", str(head), "--exp_name", f"{args.exp_name}_finetune"]
+    dhe, times["train_dhe"] = run_stage(
+        "1/3 DHE initialisation on the frozen backbone",
+        "train_dhe.py",
+        train_dhe.cli,
+        [*common, *TRAIN_DHE_FLAGS, "--exp_name", f"{args.exp_name}_train_dhe"],
     )
-    times["finetune"] = time.perf_counter() - start
-    last_epoch = int(FINETUNE_FLAGS[FINETUNE_FLAGS.index("--epochs_num") + 1]) - 1
-    folder = joint["output_folder"]
-    checkpoints = [
-        "--resume_fe",
-        str(folder / f"features_extractor_{last_epoch:03d}.torch"),
-        "--resume_hr",
-        str(folder / f"homography_regression_{last_epoch:03d}.torch"),
-    ]
+    head = dhe["output_folder"] / f"homography_regression_{DHE_EPOCHS - 1:03d}.torch"
 
-    print("\n== 3/3 eval.py: the finetuned model on the test split")
-    start = time.perf_counter()
-    test = evaluation.cli([*common, *checkpoints, "--exp_name", f"{args.exp_name}_eval", "--save_predictions"])
-    times["eval"] = time.perf_counter() - start
+    joint, times["finetune"] = run_stage(
+        "2/3 backbone and head trained together",
+        "finetune.py",
+        finetune.cli,
+        [*common, *FINETUNE_FLAGS, "--resume_hr", str(head), "--exp_name", f"{args.exp_name}_finetune"],
+    )
+    last_epoch = FINETUNE_EPOCHS - 1
+    folder = joint["output_folder"]
+    checkpoints = ["--resume_fe", str(folder / f"features_extractor_{last_epoch:03d}.torch")]
+    checkpoints += ["--resume_hr", str(folder / f"homography_regression_{last_epoch:03d}.torch")]
+
+    test, times["eval"] = run_stage(
+        "3/3 the finetuned model on the test split",
+        "eval.py",
+        evaluation.cli,
+        [*common, *checkpoints, "--exp_name", f"{args.exp_name}_eval", "--save_predictions"],
+    )
 
     results = {
         "train_dhe": read_results(dhe["output_folder"] / "results.json"),
