@@ -24,25 +24,14 @@ import synthetic
 import train_dhe
 
 DATASET_NAME = "synthetic_demo"
-# Every street a sequence of the same dozen facades: a pooled global descriptor cannot tell places apart, a
-# homography between the local features can. 192 x 192 images, so that eval needs no resize.
-WORLD_FLAGS = ["--image_size", "192", "192", "--shared_fraction", "1.0", "--shared_buildings", "12"]
-MODEL_FLAGS = ["--resize", "128", "128", "--trunc_te", "2", "--freeze_te", "0", "--num_reranked_preds", "8"]
+# Every street a sequence of the same dozen facades: a pooled global descriptor can hardly tell places apart, a
+# homography between the local features can. 192 x 192 images (the pictures stay legible), models at 128 x 128.
+WORLD_FLAGS = "--image_size 192 192 --shared_fraction 1.0 --shared_buildings 12".split()
+MODEL_FLAGS = "--resize 128 128 --trunc_te 2 --freeze_te 0 --num_reranked_preds 8".split()
 DHE_EPOCHS, FINETUNE_EPOCHS = 6, 1
-TRAIN_DHE_FLAGS = [
-    "--qp_mode",
-    "gt",
-    "--n_epochs",
-    str(DHE_EPOCHS),
-    "--iterations_per_epoch",
-    "50",
-    "--batch_size",
-    "8",
-]
-TRAIN_DHE_FLAGS += ["--lr", "0.003"]
-FINETUNE_FLAGS = ["--epochs_num", str(FINETUNE_EPOCHS), "--queries_per_epoch", "100", "--cache_refresh_rate", "100"]
-FINETUNE_FLAGS += ["--train_batch_size", "4", "--lr", "0.0001", "--rerank_val_from_epoch", "0"]
-FINETUNE_FLAGS += ["--neg_samples_num", "200"]
+TRAIN_DHE_FLAGS = f"--qp_mode gt --n_epochs {DHE_EPOCHS} --iterations_per_epoch 50 --batch_size 8 --lr 0.003".split()
+FINETUNE_FLAGS = f"--epochs_num {FINETUNE_EPOCHS} --queries_per_epoch 100 --cache_refresh_rate 100".split()
+FINETUNE_FLAGS += "--train_batch_size 4 --lr 0.0001 --rerank_val_from_epoch 0 --neg_samples_num 200".split()
 
 
 def build_parser() -> argparse.ArgumentParser:
