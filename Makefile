@@ -26,12 +26,9 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-DEMO_DATA := datasets_vg/datasets
-
+# demo.py: make the synthetic world (or reuse it), train_dhe.py, finetune.py, eval.py; prints the recall table
 demo: $(STAMP)
-	test -d $(DEMO_DATA)/synthetic || $(PY) synthetic.py --out $(DEMO_DATA) --name synthetic
-	$(PY) eval.py --datasets_folder $(DEMO_DATA) --dataset_name synthetic --resize 192 192 --exp_name demo \
-		--num_workers 2 --save_predictions
+	$(PY) demo.py --datasets_folder datasets_vg/datasets
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from interrupts import Interrupted, install_signal_handlers
 
@@ -1109,6 +1110,7 @@ def _generate_split(
     (split_dir / "queries").mkdir()
     database_positions, database_names, database_cameras = [], [], []
     queries = []  # (name, utm, camera)
+    progress = tqdm(total=num_database + num_queries, desc=SPLITS[split_index], unit="image", leave=False)
     for street_index in range(num_streets):
         rng = np.random.default_rng([seed, split_index, street_index])
         centre = (
@@ -1129,6 +1131,7 @@ def _generate_split(
             image = image * rng.uniform(0.95, 1.05) + rng.standard_normal(image.shape, dtype=np.float32) * 1.5
             name, utm = _file_name(street, camera, f"s{split_index}{street_index:03d}d{i:04d}", "201906", note)
             _save_jpeg(image, split_dir / "database" / name)
+            progress.update()
             database_positions.append(utm)
             database_names.append(name)
             database_cameras.append(camera)
@@ -1142,8 +1145,10 @@ def _generate_split(
             year_month = f"20{rng.integers(20, 25)}{rng.integers(1, 13):02d}"
             name, utm = _file_name(street, camera, f"s{split_index}{street_index:03d}q{i:04d}", year_month, note)
             _save_jpeg(image, split_dir / "queries" / name)
+            progress.update()
             queries.append((name, utm, camera))
 
+    progress.close()
     database_positions = np.array(database_positions)
     homographies = {}
     for name, utm, camera in queries:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import commons
 import distributed
@@ -347,7 +348,15 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         sums = torch.zeros(len(task.loss_names), dtype=torch.float64)
         window: list[float] = []
         steps = 0
-        for batch in task.epoch_batches(epoch):
+        batches = tqdm(
+            task.epoch_batches(epoch),
+            desc=f"epoch {epoch}",
+            total=task.iterations_per_epoch,
+            ncols=100,
+            leave=False,
+            disable=not is_main,
+        )
+        for batch in batches:
             with autocast(device, args.amp):
                 losses = task.losses(batch)
             local = torch.stack([losses[name].detach().double() for name in task.loss_names])  # on the device (nccl)

@@ -1,0 +1,69 @@
+"""demo.py's own parts (the stages are the scripts, tested elsewhere): the recall table, world reuse, bad flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import demo
+
+
+def test_recall_table_rows_and_values():
+    dhe = {"baseline": {"R@1": 12.5, "R@5": 40.0}, "reranked": {"R@1": 30.0, "R@5": 47.5}}
+    finetuned = {"baseline": {"R@1": 20.0, "R@5": 50.0}, "reranked": None}
+    lines = demo.recall_table([("DHE initialised", dhe), ("finetuned", finetuned)]).splitlines()
+    assert lines[0].split() == ["R@1", "R@5"]
+    assert lines[1].split() == ["DHE", "initialised", "baseline", "12.5", "40.0"]
+    assert lines[2].split() == ["DHE", "initialised", "re-ranked", "30.0", "47.5"]
+    assert lines[3].split() == ["finetuned", "baseline", "20.0", "50.0"]
+    assert len(lines) == 4  # a null stage is skipped
+
+
+def test_existing_world_is_reused(tmp_path, capsys):
+    world = tmp_path / demo.DATASET_NAME
+    world.mkdir()
+    (world / "images").mkdir()
+    assert demo.ensure_world(tmp_path, seed=0) is True
+    assert "Reusing the synthetic world" in capsys.readouterr().out
+    assert [p.name for p in world.iterdir()] == ["images"]
+
+
+@pytest.mark.parametrize("argv", [["--num_workers", "-1"], ["--seed", "-3"], ["--exp_name", "a/b"]])
+def test_bad_flags_are_refused(argv):
+    with pytest.raises(SystemExit):
+        demo.parse_arguments(argv)
+
+
+def test_main_chains_the_stages(tmp_path, monkeypatch, capsys):
+    """Stand-in scripts: each checks the checkpoints it is given and writes its results.json."""
+    (tmp_path / "data" / demo.DATASET_NAME / "images" / "test" / "queries").mkdir(parents=True)
+    calls = []
+
+    def fake(name, files):
+        def cli(argv):
+            calls.append((name, argv))
+            folder = tmp_path / name
+            folder.mkdir()
+            for file in files:
+                (folder / file).touch()
+            recalls = {"R@1": 10.0 * len(calls), "R@5": 50.0}
+            (folder / "results.json").write_text(json.dumps({"baseline": recalls, "reranked": recalls}))
+            return {"output_folder": folder}
+
+        return cli
+
+    head = f"homography_regression_{demo.DHE_EPOCHS - 1:03d}.torch"
+    monkeypatch.setattr(demo.train_dhe, "cli", fake("dhe", [head]))
+    monkeypatch.setattr(demo.finetune, "cli", fake("joint", []))
+    monkeypatch.setattr(demo.evaluation, "cli", fake("test", []))
+    result = demo.main(demo.parse_arguments(["--datasets_folder", str(tmp_path / "data"), "--device", "cpu"]))
+    assert [name for name, _ in calls] == ["dhe", "joint", "test"]
+    joint_argv, test_argv = calls[1][1], calls[2][1]
+    assert joint_argv[joint_argv.index("--resume_hr") + 1] == str(tmp_path / "dhe" / head)
+    assert test_argv[test_argv.index("--resume_fe") + 1] == str(
+        tmp_path / "joint" / f"features_extractor_{demo.FINETUNE_EPOCHS - 1:03d}.torch"
+    )
+    assert result["eval"]["baseline"]["R@1"] == 30.0
+    out = capsys.readouterr().out
+    assert "Reusing the synthetic world" in out and "python eval.py" in out and "finetuned  re-ranked" in out
