@@ -17,7 +17,6 @@ and the task's state dicts (`homography_regression_{epoch:03d}.torch`, ...), sav
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
@@ -41,6 +40,7 @@ import commons
 import distributed
 import util
 from model.checkpoints import CheckpointMismatchError, load_state_dict_file, save_atomically
+from model.homography import amp_autocast, amp_dtype
 
 __all__ = [
     "TrainingError",
@@ -76,18 +76,8 @@ class NonFiniteLossError(TrainingError):
 
 
 # ------------------------------------------------------------------------------------------------- mixed precision
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CPU and on GPUs that support it, float16 elsewhere."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """`torch.autocast` in `amp_dtype(device)` when enabled, else a context that does nothing."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype(device))
+# amp_dtype and autocast (= model.homography.amp_autocast) are the re-ranking's: one precision policy for all.
+autocast = amp_autocast
 
 
 def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:

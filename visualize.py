@@ -13,7 +13,6 @@ saved queries only, so the normal path is not slowed down) and `save_prediction_
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,13 @@ from tqdm import tqdm
 
 from datasets_ws import BaseDataset, open_rgb_image
 from model.dhe import compute_similarity
-from model.homography import SCORE_THRESHOLD, matched_keypoints, points_to_homography, reprojection_distances
+from model.homography import (
+    SCORE_THRESHOLD,
+    amp_autocast,
+    matched_keypoints,
+    points_to_homography,
+    reprojection_distances,
+)
 from util import LocalFeatureStore
 
 __all__ = [
@@ -88,16 +93,6 @@ class MatchGeometry:
         return int(self.inliers.sum())
 
 
-def _amp_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """The head's precision, as `model.homography.rerank_scores` runs it."""
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def match_geometry(
     homography_regression: nn.Module,
     local_q: Tensor,
@@ -126,7 +121,7 @@ def match_geometry(
         local_q, local_c = local_q.float(), local_c.float()
         with torch.autocast(local_c.device.type, enabled=False):
             correlation = compute_similarity(local_q, local_c)
-        with _amp_context(local_c.device, amp):
+        with amp_autocast(local_c.device, amp):
             points = homography_regression(correlation)
         H = points_to_homography(points)
         query_points, candidate_points, valid = matched_keypoints(local_q, local_c, image_hw)

@@ -308,6 +308,19 @@ def rerank_scores(
     return scores[0] if single_query else scores
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The half precision of ``--amp`` on ``device``: bfloat16 on CPU and on GPUs that support it, else float16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def amp_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in ``amp_dtype(device)`` when enabled, else a context that changes nothing (the caller's
+    autocast state, if any, applies)."""
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if enabled else contextlib.nullcontext()
+
+
 def score_pairs(
     homography_regression: nn.Module,
     query_features: Tensor,
@@ -326,15 +339,12 @@ def score_pairs(
         (B,) float32 inlier counts, on the features' device.
     """
     device = candidate_features.device
-    amp_dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
     with torch.inference_mode():
         candidate_features, query_features = candidate_features.float(), query_features.float()
         with torch.autocast(device.type, enabled=False):
             correlation = compute_similarity(query_features, candidate_features)
         # Without amp the caller's autocast state, if any, applies to the head.
-        with torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext():
+        with amp_autocast(device, amp):
             points = homography_regression(correlation)
         H = points_to_homography(points)
         return inlier_scores(query_features, candidate_features, H, image_hw)

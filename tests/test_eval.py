@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_identity_head
 from PIL import Image
 
 import eval as eval_script
-from model import FeaturesExtractor, HomographyRegression
+from model import FeaturesExtractor
 from model.checkpoints import save_state_dict
 
 SIZE = 128
@@ -51,13 +52,7 @@ def tiny_world(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), root / "fe.torch")
-    head = HomographyRegression(resize=(SIZE, SIZE))
-    state_dict = head.state_dict()
-    state_dict["linear.weight"].zero_()
-    corners = [8, 8, SIZE - 8, 8, 8, SIZE - 8, SIZE - 8, SIZE - 8]
-    state_dict["linear.bias"].copy_(torch.tensor(corners + corners, dtype=torch.float32))  # identity homography
-    head.load_state_dict(state_dict)
-    save_state_dict(head, root / "hr.torch")
+    save_identity_head(root / "hr.torch", SIZE)
     return root
 
 

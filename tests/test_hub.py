@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_identity_head
 
 import hubconf
 from model import FeaturesExtractor, HomographyRegression
@@ -26,13 +27,7 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     with torch.no_grad():
         features_extractor.pool[1].p.fill_(2.5)  # not the initial value: loading must really happen
     save_state_dict(features_extractor, folder / "features_extractor_best.torch")
-    head = HomographyRegression(resize=(SIZE, SIZE))
-    state_dict = head.state_dict()
-    state_dict["linear.weight"].zero_()
-    corners = [8, 8, SIZE - 8, 8, 8, SIZE - 8, SIZE - 8, SIZE - 8]
-    state_dict["linear.bias"].copy_(torch.tensor(corners + corners, dtype=torch.float32))  # identity homography
-    head.load_state_dict(state_dict)
-    save_state_dict(head, folder / "homography_regression_best.torch")
+    save_identity_head(folder / "homography_regression_best.torch", SIZE)
     return folder / "features_extractor_best.torch", folder / "homography_regression_best.torch"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_identity_head
 from PIL import Image
 
 import eval as eval_script
@@ -47,13 +48,7 @@ def world(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=1), root / "fe.torch")
-    head = HomographyRegression(resize=(SIZE, SIZE))
-    state_dict = head.state_dict()
-    state_dict["linear.weight"].zero_()
-    corners = [8, 8, SIZE - 8, 8, 8, SIZE - 8, SIZE - 8, SIZE - 8]
-    state_dict["linear.bias"].copy_(torch.tensor(corners + corners, dtype=torch.float32))  # identity homography
-    head.load_state_dict(state_dict)
-    save_state_dict(head, root / "hr.torch")
+    save_identity_head(root / "hr.torch", SIZE)
     return root
 
 
