@@ -25,12 +25,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datasets_ws import BaseDataset, open_rgb_image
-from model.dhe import compute_similarity
 from model.homography import (
     SCORE_THRESHOLD,
-    amp_autocast,
     matched_keypoints,
-    points_to_homography,
+    predict_homographies,
     reprojection_distances,
 )
 from util import LocalFeatureStore
@@ -119,11 +117,7 @@ def match_geometry(
         )
     with torch.inference_mode():
         local_q, local_c = local_q.float(), local_c.float()
-        with torch.autocast(local_c.device.type, enabled=False):
-            correlation = compute_similarity(local_q, local_c)
-        with amp_autocast(local_c.device, amp):
-            points = homography_regression(correlation)
-        H = points_to_homography(points)
+        H = predict_homographies(homography_regression, local_q, local_c, amp)
         query_points, candidate_points, valid = matched_keypoints(local_q, local_c, image_hw)
         inliers = valid & (reprojection_distances(H, query_points, candidate_points) < SCORE_THRESHOLD)
     H, query_points = H.double().cpu().numpy(), query_points[0].double().cpu().numpy()

@@ -338,16 +338,32 @@ def score_pairs(
     Returns:
         (B,) float32 inlier counts, on the features' device.
     """
-    device = candidate_features.device
     with torch.inference_mode():
         candidate_features, query_features = candidate_features.float(), query_features.float()
-        with torch.autocast(device.type, enabled=False):
-            correlation = compute_similarity(query_features, candidate_features)
-        # Without amp the caller's autocast state, if any, applies to the head.
-        with amp_autocast(device, amp):
-            points = homography_regression(correlation)
-        H = points_to_homography(points)
+        H = predict_homographies(homography_regression, query_features, candidate_features, amp)
         return inlier_scores(query_features, candidate_features, H, image_hw)
+
+
+def predict_homographies(
+    homography_regression: nn.Module, query_features: Tensor, candidate_features: Tensor, amp: bool = False
+) -> Tensor:
+    """The DHE homographies of B pairs: correlation (float32) -> head -> 4 point pairs -> DLT.
+
+    Args:
+        homography_regression: the DHE head, (B, h*w, h, w) correlation -> (B, 8, 2) points.
+        query_features: (B, C, h, w) float32 query local features of each pair.
+        candidate_features: (B, C, h, w) float32 candidate local features.
+        amp: run the head under `amp_autocast`; without it the caller's autocast state, if any, applies.
+
+    Returns:
+        (B, 3, 3) homographies from query pixels to candidate pixels (see `points_to_homography`).
+    """
+    device = candidate_features.device
+    with torch.autocast(device.type, enabled=False):
+        correlation = compute_similarity(query_features, candidate_features)
+    with amp_autocast(device, amp):
+        points = homography_regression(correlation)
+    return points_to_homography(points)
 
 
 def find_homography_ransac(
