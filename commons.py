@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from interrupts import Interrupted, install_signal_handlers, pipe_safe
+from interrupts import Interrupted, install_signal_handlers, pipe_safe, raise_if_interrupted, worker_init
 
 _RUN_HANDLER = "dhe_vpr_run"
 
 __all__ = [
     "Interrupted",
     "install_signal_handlers",
+    "raise_if_interrupted",
+    "worker_init",
     "make_deterministic",
     "resolve_device",
     "make_run_folder",

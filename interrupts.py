@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Interrupted", "install_signal_handlers", "pipe_safe"]
+__all__ = ["Interrupted", "install_signal_handlers", "pipe_safe", "raise_if_interrupted", "worker_init"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -25,8 +25,43 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"received {self.signal_name}")
 
 
+_received: int | None = None  # the signal that `install_signal_handlers` turned into `Interrupted`, if any
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
+    global _received
+    _received = signum
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise `Interrupted` again if a SIGTERM or SIGHUP has been received since `install_signal_handlers`.
+
+    The handler raises where the main thread happens to be, and Python swallows an exception raised inside a
+    `__del__` method or a weakref callback (e.g. a DataLoader iterator shutting its workers down) with an
+    "Exception ignored" message, so the run would go on. Long loops call this at each step so that such a signal
+    still stops the run, at the next step.
+    """
+    if _received is not None:
+        raise Interrupted(_received)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
+def worker_init(worker_id: int) -> None:
+    """`worker_init_fn` of DataLoaders: a worker leaves quietly (exit code 0) on SIGTERM or SIGHUP.
+
+    A worker gets the signal with the main process when a process group is signalled (`timeout`, SLURM, a closed
+    terminal); the main process stops the run. The default action, death by signal, would turn that clean stop
+    into a "DataLoader worker ... killed by signal" error; ignoring the signal instead would leave a worker that
+    the main process failed to register (signalled while starting it) immune to the SIGTERM with which
+    multiprocessing ends daemonic children at exit, and the exit would then wait for it forever.
+    """
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _exit_quietly)
 
 
 class _PipeSafeStream:
@@ -82,6 +117,8 @@ def install_signal_handlers() -> Callable[[], None]:
     previous handlers and streams. Outside the main thread (where Python cannot set handlers) only the streams are
     changed.
     """
+    global _received
+    _received = None
     previous_streams = (sys.stdout, sys.stderr)
     sys.stdout, sys.stderr = pipe_safe(sys.stdout), pipe_safe(sys.stderr)
     previous_handlers = {}
@@ -92,6 +129,8 @@ def install_signal_handlers() -> Callable[[], None]:
                 previous_handlers[signum] = signal.signal(signum, signal.SIG_IGN if handler is None else handler)
 
     def restore() -> None:
+        global _received
+        _received = None
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         sys.stdout, sys.stderr = previous_streams

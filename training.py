@@ -85,13 +85,7 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGHUP: the main process gets them too (`timeout` and schedulers signal
-    the whole process group) and shuts its workers down itself; a worker killed first would turn the clean stop into
-    a "DataLoader worker ... killed by signal" error."""
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+worker_init = commons.worker_init  # DataLoader workers leave quietly on SIGTERM / SIGHUP
 
 
 # ----------------------------------------------------------------------------------------------------------- files
@@ -347,6 +341,7 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
             disable=not is_main,
         )
         for batch in batches:
+            commons.raise_if_interrupted()
             with autocast(device, args.amp):
                 losses = task.losses(batch)
             local = torch.stack([losses[name].detach().double() for name in task.loss_names])  # on the device (nccl)

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from interrupts import raise_if_interrupted, worker_init
+
 __all__ = [
     "LocalFeatureStore",
     "extract_features",
@@ -282,13 +284,19 @@ def extract_features(
     yielded indexes. The model runs in eval mode and gets its train/eval mode back afterwards.
     """
     loader = DataLoader(
-        images, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+        images,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init,
     )
     was_training = features_extractor.training
     features_extractor.eval()
     descriptors = []
     with torch.inference_mode():
         for batch, indexes in tqdm(loader, desc=desc, ncols=100, leave=False):
+            raise_if_interrupted()
             crops = batch.dim() == 5
             batch = batch.flatten(0, 1) if crops else batch
             global_descriptors, local_features = features_extractor(batch.to(device, non_blocking=True))
@@ -455,6 +463,7 @@ def rerank_predictions(
     ):
         pending = reader.submit(read, 0) if prefetch and num_pairs else None
         for start in range(0, num_pairs, batch_size):
+            raise_if_interrupted()
             records, inverse, file_part = pending.result() if prefetch else read(start)
             if prefetch and start + batch_size < num_pairs:
                 pending = reader.submit(read, start + batch_size)
