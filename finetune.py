@@ -186,7 +186,7 @@ class Finetuning(training.Task):
                 shuffle=False,
                 num_workers=self.args.num_workers,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=training.worker_init,
+                worker_init_fn=commons.worker_init,
                 collate_fn=collate_fn,
             )
             for images, triplets, _ in loader:

@@ -150,7 +150,7 @@ class DHEInitialisation(training.Task):
             shuffle=False,
             num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=training.worker_init,
+            worker_init_fn=commons.worker_init,
         )
         for query, positive in loader:
             yield query.to(self.device, non_blocking=True), positive.to(self.device, non_blocking=True)

@@ -47,7 +47,6 @@ __all__ = [
     "NonFiniteLossError",
     "Task",
     "amp_dtype",
-    "worker_init",
     "autocast",
     "atomic_save",
     "capture_rng_states",
@@ -83,9 +82,6 @@ autocast = amp_autocast
 def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     """A GradScaler that scales only for float16 autocast (bfloat16 needs none); a pass-through otherwise."""
     return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
-
-
-worker_init = commons.worker_init  # DataLoader workers leave quietly on SIGTERM / SIGHUP
 
 
 # ----------------------------------------------------------------------------------------------------------- files
