@@ -235,6 +235,8 @@ def compile_head(
     """
     import logging
 
+    from model.homography import amp_autocast  # model.homography imports this module
+
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if mode == "none":
@@ -242,10 +244,9 @@ def compile_head(
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(batch_size, head.d_model, *head.grid_size, generator=generator).to(device)
     example = F.normalize(example, dim=1)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     try:
         compiled = torch.compile(head, mode=mode, dynamic=False)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.inference_mode(), amp_autocast(device, amp):
             expected = head(example).float()
             points = compiled(example).float()
     except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the eager head, with a warning

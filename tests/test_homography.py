@@ -14,6 +14,7 @@ from conftest import normalise_uint8, reference_features_extractor, reference_ho
 from model import HomographyRegression, compute_similarity
 from model.homography import _ransac_num_iters as ransac_num_iters
 from model.homography import (
+    amp_dtype,
     find_homography_ransac,
     inlier_scores,
     keypoints,
@@ -355,8 +356,7 @@ def test_rerank_scores_batches_queries_and_chunks(device):
     assert amp_scores.dtype == torch.float32
     # Without amp=True the head runs in the caller's autocast state (eval.py's --amp sets it around the call):
     # the same kernels on the same chunks, so the same scores.
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device.type, dtype=amp_dtype):
+    with torch.autocast(device.type, dtype=amp_dtype(device)):
         assert torch.equal(rerank_scores(head, local_q, local_candidates, batch_size=4), amp_scores)
     with pytest.raises(ValueError, match="expected"):
         rerank_scores(head, local_q, local_candidates[0])
