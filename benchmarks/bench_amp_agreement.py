@@ -23,10 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_rerank import head_with_spread_corners  # noqa: E402
+
+import commons  # noqa: E402
 import synthetic  # noqa: E402
 import util  # noqa: E402
 from datasets_ws import BaseDataset  # noqa: E402
-from model import FeaturesExtractor, HomographyRegression  # noqa: E402
+from model import FeaturesExtractor  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--max_queries", type=int, default=None, help="Only the first N test queries.")
     parser.add_argument("--infer_batch_size", type=int, default=32, help="Pairs per pass of the head.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"], help="Where to run (default cpu).")
     args = parser.parse_args()
     world = Path(args.datasets_folder) / args.dataset_name
     if not world.exists():
@@ -45,16 +49,11 @@ def main() -> None:
     resize = tuple(args.resize)
     dataset_args = SimpleNamespace(resize=resize, test_method="hard_resize", val_positive_dist_threshold=25)
     dataset = BaseDataset(dataset_args, args.datasets_folder, args.dataset_name, "test")
-    device = torch.device("cpu")
+    device = commons.resolve_device(args.device)
 
     torch.manual_seed(args.seed)
-    features_extractor = FeaturesExtractor(resize=resize).eval()
-    head = HomographyRegression(resize=resize).eval()
-    with torch.no_grad():
-        height, width = resize
-        corners = torch.tensor([[8, 8], [width - 8, 8], [8, height - 8], [width - 8, height - 8]], dtype=torch.float)
-        head.linear.bias.copy_(torch.cat([corners, corners]).flatten())
-        head.linear.weight.mul_(0.1)
+    features_extractor = FeaturesExtractor(resize=resize).eval().to(device)
+    head = head_with_spread_corners(resize, seed=None).to(device)  # drawn after the features extractor's weights
 
     num_queries = dataset.queries_num if args.max_queries is None else min(args.max_queries, dataset.queries_num)
     query_indexes = list(range(dataset.database_num, dataset.database_num + num_queries))
@@ -73,13 +72,11 @@ def main() -> None:
             )
             elapsed = time.perf_counter() - start
             pairs = num_queries * min(args.num_reranked_preds, predictions.shape[1])
-            print(
-                f"{'amp (bf16)' if amp else 'fp32':>10}: {elapsed:6.1f} s, {pairs / elapsed:5.2f} pairs/s", flush=True
-            )
+            print(f"{'amp' if amp else 'fp32':>10}: {elapsed:6.1f} s, {pairs / elapsed:5.2f} pairs/s", flush=True)
         store.close()
     (fp32_predictions, fp32_scores), (amp_predictions, amp_scores) = results[False], results[True]
     same_top1 = np.mean(fp32_predictions[:, 0] == amp_predictions[:, 0])
-    print(f"{dataset} at {resize}: {num_queries} queries x {args.num_reranked_preds} candidates")
+    print(f"{dataset} at {resize}, {device.type}: {num_queries} queries x {args.num_reranked_preds} candidates")
     print(f"top-1 after re-ranking identical in fp32 and amp: {same_top1:.1%} of queries (target >= 98%)")
     print(f"mean |score change| of the top candidates: {np.abs(np.sort(fp32_scores) - np.sort(amp_scores)).mean():.2f}")
 

@@ -201,9 +201,11 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} CPUs; {', '.join(extras) or 'no AVX-512'})"
 
 
-def head_with_spread_corners(resize: tuple[int, int], seed: int) -> HomographyRegression:
-    """A random-weight head in eval mode whose corners spread over the image, as a trained head's are."""
-    torch.manual_seed(seed)
+def head_with_spread_corners(resize: tuple[int, int], seed: int | None) -> HomographyRegression:
+    """A random-weight head in eval mode whose corners spread over the image, as a trained head's are; its weights
+    are drawn after `torch.manual_seed(seed)`, or from the global stream as it stands with `seed=None`."""
+    if seed is not None:
+        torch.manual_seed(seed)
     head = HomographyRegression(resize=resize).eval()
     with torch.no_grad():
         height, width = resize
