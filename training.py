@@ -166,15 +166,21 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def _panel(
-    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[str, list], epochs: list
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    title: str,
+    series: dict[str, list],
+    epochs: list,
+    empty: str = "no data yet",
 ) -> None:
-    """One line chart inside `box` (left, top, right, bottom): axes, min/max labels, one polyline per series."""
+    """One line chart inside `box` (left, top, right, bottom): axes, min/max labels, one polyline per series; the
+    text `empty` where there is nothing to draw."""
     left, top, right, bottom = box
     draw.text((left, top - 16), title, fill="black")
     draw.rectangle(box, outline="black")
     values = [v for points in series.values() for v in points if v is not None and math.isfinite(v)]
     if not values or not epochs:
-        draw.text((left + 8, top + 8), "no data yet", fill="grey")
+        draw.text((left + 8, top + 8), empty, fill="grey")
         return
     low, high = min(values), max(values)
     if high == low:
@@ -204,8 +210,9 @@ def _panel(
         draw.text((right - 130, legend_y), name, fill=colour)
 
 
-def plot_metrics(rows: Sequence[dict], path: str | Path) -> None:
-    """Draw the losses (left) and validation recalls (right) per epoch of `rows` to a PNG, atomically (Pillow)."""
+def plot_metrics(rows: Sequence[dict], path: str | Path, validates: bool = True) -> None:
+    """Draw the losses (left) and validation recalls (right) per epoch of `rows` to a PNG, atomically (Pillow).
+    For a run that does not validate during training (`validates=False`: train_dhe.py) the recall panel says so."""
     path = Path(path)
     epochs = [int(row["epoch"]) for row in rows]
 
@@ -218,7 +225,8 @@ def plot_metrics(rows: Sequence[dict], path: str | Path) -> None:
     image = Image.new("RGB", (1000, 400), "white")
     draw = ImageDraw.Draw(image)
     _panel(draw, (70, 30, 480, 360), "training losses (epoch mean)", losses, epochs)
-    _panel(draw, (570, 30, 980, 360), "validation recalls (%)", recalls, epochs)
+    empty = "no data yet" if validates else "no validation during training:\nthe test recalls are in results.json"
+    _panel(draw, (570, 30, 980, 360), "validation recalls (%)", recalls, epochs, empty)
     temporary = path.with_name(f".{path.name}.tmp.png")
     try:
         image.save(temporary)
@@ -412,7 +420,7 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
                 },
                 output_folder / LAST_CHECKPOINT,
             )
-            plot_metrics(rows, output_folder / PLOT_PNG)
+            plot_metrics(rows, output_folder / PLOT_PNG, task.selection_key is not None)
         stop = task.patience is not None and not_improved >= task.patience
         if distributed.broadcast_object(stop):
             logging.info(f"Stopping early: {task.selection_key} did not improve for {task.patience} epochs")
@@ -430,7 +438,7 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         )
         result["results"] = json.loads((output_folder / RESULTS_JSON).read_text())
         if rows:
-            plot_metrics(rows, output_folder / PLOT_PNG)
+            plot_metrics(rows, output_folder / PLOT_PNG, task.selection_key is not None)
     distributed.barrier()
     return result
 

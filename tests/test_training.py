@@ -79,7 +79,11 @@ def test_train_dhe_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     assert "Differs from the original on purpose: the frozen backbone runs under no_grad" in info
     assert "baseline test: R@1" in info and "test after re-ranking" in info
     load_homography_regression(HomographyRegression((SIZE, SIZE)), folder / "homography_regression_003.torch")
-    assert Image.open(folder / "training_curves.png").size == (1000, 400)
+    curves = Image.open(folder / "training_curves.png")
+    assert curves.size == (1000, 400)
+    # train_dhe.py does not validate during training: its recall panel says so instead of "no data yet"
+    training.plot_metrics(rows, tmp_path / "waiting.png")
+    assert not np.array_equal(np.asarray(curves.convert("RGB")), np.asarray(Image.open(tmp_path / "waiting.png")))
     checkpoint = training.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")
     assert (checkpoint["epoch"], checkpoint["iteration"]) == (4, 8)
     assert checkpoint["scheduler"]["last_epoch"] == 8  # StepLR stepped every iteration
