@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -39,7 +38,7 @@ from tqdm import tqdm
 import commons
 import distributed
 import util
-from model.checkpoints import CheckpointMismatchError, load_state_dict_file, save_atomically
+from model.checkpoints import CheckpointMismatchError, load_state_dict_file, replaced_atomically, save_atomically
 from model.homography import amp_autocast, amp_dtype
 
 __all__ = [
@@ -48,7 +47,6 @@ __all__ = [
     "Task",
     "amp_dtype",
     "autocast",
-    "atomic_save",
     "capture_rng_states",
     "restore_rng_states",
     "load_training_checkpoint",
@@ -85,12 +83,6 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 
 
 # ----------------------------------------------------------------------------------------------------------- files
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)` through a temporary file in the same folder: `path` is complete or untouched, with
-    the permissions of the umask (`model.checkpoints.save_atomically`)."""
-    save_atomically(obj, path)
-
-
 def capture_rng_states() -> dict:
     """States of Python's, NumPy's global, torch's CPU and every CUDA device's generator (safe-loadable types)."""
     name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the original's global RNG
@@ -143,17 +135,11 @@ def write_metrics(rows: Sequence[dict], path: str | Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns, restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def read_metrics(path: str | Path) -> list[dict[str, str]]:
@@ -227,13 +213,8 @@ def plot_metrics(rows: Sequence[dict], path: str | Path, validates: bool = True)
     _panel(draw, (70, 30, 480, 360), "training losses (epoch mean)", losses, epochs)
     empty = "no data yet" if validates else "no validation during training:\nthe test recalls are in results.json"
     _panel(draw, (570, 30, 980, 360), "validation recalls (%)", recalls, epochs, empty)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    try:
-        image.save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------------------------ task
@@ -400,7 +381,7 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         states = distributed.gather_objects(capture_rng_states())
         if is_main:
             write_metrics(rows, output_folder / METRICS_CSV)
-            atomic_save(
+            save_atomically(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "script": task.script,

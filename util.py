@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from interrupts import raise_if_interrupted, worker_init
+from model.checkpoints import replaced_atomically
 
 __all__ = [
     "LocalFeatureStore",
@@ -520,8 +521,7 @@ def save_predictions(
     The file is UTF-8; a path that is not valid UTF-8 is written as its exact bytes, so it still names the file.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with replaced_atomically(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as file:
             writer = csv.writer(file)
             writer.writerow(["query_index", "query_path", "stage", "rank", "database_index", "database_path", "score"])
@@ -535,10 +535,6 @@ def save_predictions(
                         writer.writerow(
                             [query, query_path, stage, rank, int(database_index), database_paths[database_index], score]
                         )
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def save_results(
@@ -559,11 +555,6 @@ def save_results(
         return {f"R@{n}": round(float(value), 6) for n, value in zip(recall_values, recalls)}
 
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
     content = {"baseline": as_dict(baseline), "reranked": as_dict(reranked), **extra}
-    try:
+    with replaced_atomically(path) as temporary:
         temporary.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datasets_ws import BaseDataset, open_rgb_image
+from model.checkpoints import replaced_atomically
 from model.homography import (
     SCORE_THRESHOLD,
     matched_keypoints,
@@ -464,13 +465,8 @@ def save_prediction_pictures(
             query_path, before, after, geometry, resize_hw, title, true_H, note, tile_height=tile_height
         )
         path = folder / picture_name(position, dataset.queries_num)
-        temporary = path.with_name(f".{path.name}.tmp")
-        try:
+        with replaced_atomically(path) as temporary:
             picture.save(temporary, format="PNG", optimize=True)
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
         paths.append(path)
     return paths
 

@@ -18,13 +18,14 @@ A checkpoint whose grid differs from the model's is refused, even when the numbe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import re
 import secrets
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "load_features_extractor",
     "load_homography_regression",
     "save_state_dict",
+    "replaced_atomically",
     "save_atomically",
 ]
 
@@ -323,14 +325,15 @@ def save_state_dict(module: nn.Module, path: str | Path) -> None:
     save_atomically(state_dict, path)
 
 
-def save_atomically(obj: object, path: str | Path) -> None:
-    """`torch.save(obj)` to a temporary file next to `path`, then rename it: a crash never leaves a partial file.
+@contextlib.contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary file next to `path` to write; when the block ends normally it replaces `path` (a rename), and on
+    any exception it is removed: a crash or an interruption never leaves a partial `path` nor the temporary file.
 
-    The temporary file is created with mode 0o666 minus the umask (not mkstemp's 0o600), so the result has the
-    permissions any new file would get.
+    The temporary file (a hidden name with a random part, so concurrent writers never share one) is created empty
+    with mode 0o666 minus the umask (not mkstemp's 0o600), so the result has the permissions any new file would get.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
@@ -339,8 +342,16 @@ def save_atomically(obj: object, path: str | Path) -> None:
         except FileExistsError:
             continue
     try:
-        torch.save(obj, temporary)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def save_atomically(obj: object, path: str | Path) -> None:
+    """`torch.save(obj)` to `path` through `replaced_atomically` (creating its folder if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as temporary:
+        torch.save(obj, temporary)

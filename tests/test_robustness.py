@@ -34,6 +34,7 @@ from model.checkpoints import (
     load_features_extractor,
     load_homography_regression,
     load_state_dict_file,
+    replaced_atomically,
     save_state_dict,
 )
 
@@ -363,9 +364,20 @@ def test_saved_files_get_the_permissions_of_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
         save_state_dict(HomographyRegression(resize=(32, 32)), tmp_path / "hr.torch")
+        util.save_results(tmp_path / "results.json", [1], [50.0], None)
     finally:
         os.umask(previous)
     assert (tmp_path / "hr.torch").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_write_interrupted_midway_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("complete\n")
+    with pytest.raises(commons.Interrupted), replaced_atomically(path) as temporary:
+        temporary.write_text("half")
+        raise commons.Interrupted(signal.SIGTERM)
+    assert path.read_text() == "complete\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
