@@ -432,8 +432,9 @@ def run(
 ) -> dict:
     """Set up the processes, the run folder and the logs, resume if asked, build the task and `fit` it.
 
-    A run that fails before its first epoch is saved leaves no run folder; a later failure or interruption keeps
-    the folder, whose `last_checkpoint.pth` is the last complete epoch.
+    A run that fails before it saved any weights leaves no run folder; a later failure or interruption keeps the
+    folder and every weights file in it (`last_checkpoint.pth` is the last complete epoch), and the last line of
+    its info.log says what happened.
     """
     device = distributed.init(args.device)
     try:
@@ -458,20 +459,44 @@ def run(
             return fit(args, task, device, output_folder, resume)
         except BaseException as error:
             if distributed.is_main_process():
-                keep = (output_folder / LAST_CHECKPOINT).exists()
-                if keep:
-                    logging.info(
-                        f"Stopped ({type(error).__name__}); the run folder {output_folder} keeps the last complete "
-                        f"epoch: continue with --resume_train {output_folder / LAST_CHECKPOINT}"
-                    )
-                else:
-                    logging.debug("Failed before any epoch was saved", exc_info=True)
-                commons.close_logging()
-                if not keep:
-                    commons.remove_run_folder(output_folder)
+                _end_stopped_run(output_folder, error)
             raise
     finally:
         distributed.shutdown()
+
+
+def saved_weights(output_folder: Path) -> list[Path]:
+    """The trained weights in a run folder: the task's state dicts (`*.torch`) and `last_checkpoint.pth`."""
+    return sorted(p for p in output_folder.glob("*.torch") if p.is_file()) + [
+        p for p in [output_folder / LAST_CHECKPOINT] if p.is_file()
+    ]
+
+
+def _end_stopped_run(output_folder: Path, error: BaseException) -> None:
+    """Rank 0, when a run stops on an error or an interruption: the last line of info.log says what happened; the
+    run folder is removed only when it holds no trained weights (a failure before the first epoch was saved)."""
+    if isinstance(error, KeyboardInterrupt):
+        what = f"was interrupted ({getattr(error, 'signal_name', 'Ctrl-C')})"
+    else:
+        what = f"failed ({type(error).__name__}: {error})"
+    weights = saved_weights(output_folder)
+    checkpoint = output_folder / LAST_CHECKPOINT
+    if checkpoint.is_file():
+        logging.info(
+            f"Stopped: the run {what}; the run folder {output_folder} keeps the last "
+            f"complete epoch: continue with --resume_train {checkpoint}"
+        )
+    elif weights:
+        logging.error(
+            f"The run {what}; the run folder {output_folder} is kept with the weights saved so far "
+            f"({', '.join(p.name for p in weights)}) but no {LAST_CHECKPOINT}: the run cannot be resumed, start a new "
+            "one from these weights (--resume_fe / --resume_hr)"
+        )
+    else:
+        logging.debug("Failed before any epoch was saved", exc_info=True)
+    commons.close_logging()
+    if not weights:
+        commons.remove_run_folder(output_folder)
 
 
 EXPECTED_ERRORS = (TrainingError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError)
