@@ -3,13 +3,21 @@ must not delete trained weights, resources that run out while saving, validation
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import finetune
 import train_dhe
 import training
+from model import checkpoints
 from synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +98,73 @@ def test_an_interruption_during_validation_keeps_the_epochs_weights(world, tmp_p
     (folder,) = (tmp_path / "logs" / "ctrl_c").iterdir()
     assert {"features_extractor_000.torch", "homography_regression_000.torch"} <= {p.name for p in folder.iterdir()}
     assert "was interrupted (Ctrl-C)" in last_log_line(folder)
+
+
+# ------------------------------------------------------------------------ 4. resources run out during training
+def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_keeps_the_last_one(
+    world, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    save = checkpoints.torch.save
+    calls = []
+
+    def disk_fills_up(obj, path):
+        if "last_checkpoint" in str(path):
+            calls.append(path)
+            if len(calls) == 2:  # the second epoch's checkpoint: half written, then the disk is full
+                Path(path).write_bytes(b"x" * 1000)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        save(obj, path)
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_fills_up)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    message = run_failing(train_dhe.cli, [*data(world), *DHE, "--n_epochs", "2", "--exp_name", "full"], capsys)
+    (folder,) = (tmp_path / "logs" / "full").iterdir()
+    folder = folder.relative_to(tmp_path)
+    checkpoint = folder / "last_checkpoint.pth"
+    assert f"cannot write {checkpoint}: no space left on the device (4096 bytes free in {folder})" in message
+    assert "bytes to write, 1000 written when it failed; free some space there" in message
+    assert message.strip().splitlines()[-1].startswith(f"train_dhe.py: error: cannot write {checkpoint}")
+    assert training.load_training_checkpoint(checkpoint, "train_dhe")["epoch"] == 1  # the last complete one
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_file_size_limit_while_saving_is_one_line_and_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "homography_regression_000.torch"
+    checkpoints.save_atomically({"small": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    script = f"""
+        import resource, torch
+        from model.checkpoints import save_atomically
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100000, resource.RLIM_INFINITY))
+        try:
+            save_atomically({{"big": torch.zeros(100000)}}, {str(path)!r})
+        except OSError as error:
+            print(error)
+    """
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr  # not killed by SIGXFSZ
+    assert f"cannot write {path}: the file-size limit of this process is 100000 bytes (ulimit -f)" in completed.stdout
+    assert "400000 bytes to write" in completed.stdout and "raise the limit" in completed.stdout
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "last_checkpoint.pth"
+    script = f"""
+        import os, signal
+        from model.checkpoints import replaced_atomically
+        with replaced_atomically({str(path)!r}) as temporary:
+            temporary.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=environment, timeout=120)
+    assert completed.returncode == -signal.SIGKILL
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1  # what SIGKILL leaves
+    checkpoints.save_atomically({"weights": torch.zeros(3)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
