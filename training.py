@@ -129,6 +129,85 @@ def load_training_checkpoint(path: str | Path, script: str) -> dict:
     return checkpoint
 
 
+# ------------------------------------------------------------------------------------------------------- resuming
+# What `--resume_train` does with each flag. A resumed run continues the run it came from, so every flag that is not
+# in one of these two tables must match the checkpoint's value: left out, it is taken from the checkpoint (logged);
+# given with another value, the run is refused with the flag, the checkpoint's value and the new one.
+RESUME_CHANGEABLE = {  # left out: the run's value; given: the new value is applied and logged
+    "lr": "the optimizer's learning rate (and the scheduler's base) is set to it, keeping the decay so far",
+    "n_epochs": "the run goes on to this many epochs",
+    "epochs_num": "the run goes on to this many epochs",
+    "patience": "early stopping counts the epochs without improvement of the run so far",
+    "num_reranked_preds": "validation and test re-rank this many predictions",
+}
+RESUME_FREE = {  # where and how this process runs, not what it trains: this run's value, never compared
+    "resume_train",
+    "exp_name",
+    "device",
+    "num_workers",
+    "infer_batch_size",
+    "rerank_batch_size",
+    "local_features_dir",
+    "local_features_in_memory_mb",
+    "efficient_ram_testing",
+    "compile_head",
+    "save_predictions",
+}
+
+
+def _as_checkpoint_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume_arguments(
+    args: argparse.Namespace, checkpoint_args: dict, given: set[str] | None, source: str
+) -> argparse.Namespace:
+    """The flags of a run resumed from a checkpoint whose flags were `checkpoint_args`, by RESUME_CHANGEABLE and
+    RESUME_FREE (every other flag must match). `given`: the flags given on the command line (None: every flag whose
+    value differs from the checkpoint's counts as given). Logs what is taken from the checkpoint and what changes.
+
+    Raises:
+        TrainingError: naming each given flag that contradicts the checkpoint, with both values.
+    """
+    resolved = argparse.Namespace(**vars(args))
+    taken, changed, refused = [], [], []
+    for name, value in sorted(vars(args).items()):
+        if name in RESUME_FREE or name not in checkpoint_args:
+            continue
+        old = checkpoint_args[name]
+        if _as_checkpoint_value(value) == old:
+            continue
+        shown_old = " ".join(map(str, old)) if isinstance(old, list) else old
+        shown_new = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if given is not None and name not in given:
+            setattr(resolved, name, tuple(old) if isinstance(value, tuple) else old)
+            taken.append(f"--{name} {shown_old}")
+        elif name in RESUME_CHANGEABLE:
+            changed.append(f"--{name} {shown_new} (the run had {shown_old}: {RESUME_CHANGEABLE[name]})")
+        else:
+            refused.append(f"--{name} {shown_new} contradicts the checkpoint's --{name} {shown_old}")
+    if refused:
+        raise TrainingError(
+            f"--resume_train {source} continues a run, which needs the flags it was started with: "
+            + "; ".join(refused)
+            + " (leave these flags out to continue the run, or start a new run without --resume_train)"
+        )
+    if taken:
+        logging.info("Resuming: taken from the checkpoint, as the run used them: " + ", ".join(taken))
+    for line in changed:
+        logging.info(f"Resuming with a change: {line}")
+    return resolved
+
+
+def _apply_learning_rate(task: Task, lr: float) -> None:
+    """Set the optimizer's learning rate to `lr` after loading its state, keeping the scheduler's decay so far."""
+    for group in task.optimizer.param_groups:
+        decay = group["lr"] / group.get("initial_lr", group["lr"])
+        group["initial_lr"], group["lr"] = lr, lr * decay
+    if task.scheduler is not None:
+        task.scheduler.base_lrs = [lr for _ in task.optimizer.param_groups]
+
+
 def write_metrics(rows: Sequence[dict], path: str | Path) -> None:
     """`rows` (one dict per epoch) as CSV, atomically; columns in order of first appearance, empty where missing."""
     path = Path(path)
@@ -292,6 +371,8 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         task.optimizer.load_state_dict(resume["optimizer"])
         if task.scheduler is not None:
             task.scheduler.load_state_dict(resume["scheduler"])
+        if args.lr != resume["args"].get("lr", args.lr):
+            _apply_learning_rate(task, args.lr)
         task.scaler.load_state_dict(resume["scaler"])
         start_epoch, iteration, rows = resume["epoch"], resume["iteration"], list(resume["metrics"])
         best, not_improved = resume["best"], resume["not_improved"]
@@ -453,6 +534,8 @@ def run(
                 + (" with mixed precision " + str(amp_dtype(device)).removeprefix("torch.") if args.amp else "")
             )
             resume = load_training_checkpoint(args.resume_train, script) if args.resume_train else None
+            if resume is not None:
+                args = resume_arguments(args, resume.get("args", {}), _given_flags, args.resume_train)
             task = build_task(args, device, output_folder, resume)
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
@@ -499,6 +582,9 @@ def _end_stopped_run(output_folder: Path, error: BaseException) -> None:
         commons.remove_run_folder(output_folder)
 
 
+# The flags given on the command line of the run `cli` is running (for `resume_arguments`); None outside `cli`.
+_given_flags: set[str] | None = None
+
 EXPECTED_ERRORS = (TrainingError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError)
 
 
@@ -506,8 +592,10 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
     """Parse `argv`, run `main(args)`; bad input and non-finite losses end with a one-line error and exit code 1."""
     import parser as flags
 
+    global _given_flags
     restore_signal_handlers = commons.install_signal_handlers()
     args = flags.parse_arguments(script, argv)
+    _given_flags = flags.given_flags(script, argv)
     try:
         return main(args)
     except EXPECTED_ERRORS as error:
@@ -519,5 +607,6 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
         print(f"{script}.py: interrupted by {signal_name}", file=sys.stderr)
         raise SystemExit(128 + getattr(error, "signum", signal.SIGINT)) from None
     finally:
+        _given_flags = None
         commons.close_logging()
         restore_signal_handlers()

@@ -3,6 +3,7 @@ must not delete trained weights, resources that run out while saving, validation
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import torch
 import finetune
 import train_dhe
 import training
-from model import checkpoints
+from model import FeaturesExtractor, checkpoints
 from synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,3 +169,55 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1  # what SIGKILL leaves
     checkpoints.save_atomically({"weights": torch.zeros(3)}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# ---------------------------------------------------------------------- 2. resuming with other circumstances
+def save_features_extractor(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    checkpoints.save_state_dict(FeaturesExtractor((SIZE, SIZE), TRUNC_TE), path)
+    return path
+
+
+def test_train_dhe_resume_takes_the_runs_flags_applies_lr_and_refuses_contradictions(
+    world, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    backbone = save_features_extractor(tmp_path / "backbone.torch", 1)
+    first = [*data(world), *DHE, "--resume_fe", str(backbone), "--optim", "sgd", "--exp_name", "first"]
+    checkpoint = train_dhe.cli([*first, "--n_epochs", "1"])["output_folder"] / "last_checkpoint.pth"
+    resume = [*data(world), *DHE, "--resume_train", str(checkpoint), "--exp_name", "resumed"]
+
+    # left out, --resume_fe and --optim are the run's (not a random backbone and Adam); --lr is applied
+    resumed = train_dhe.cli([*resume, "--n_epochs", "2", "--lr", "0.001"])["output_folder"]
+    info = (resumed / "info.log").read_text()
+    assert f"taken from the checkpoint, as the run used them: --optim sgd, --resume_fe {backbone}" in info
+    assert "Resuming with a change: --lr 0.001 (the run had 0.0001" in info
+    assert "random weights" not in info  # the head and the backbone are not random
+    rows = list(csv.DictReader(open(resumed / "metrics.csv")))
+    assert [float(row["lr"]) for row in rows] == [0.0001, 0.001]
+    state = training.load_training_checkpoint(resumed / "last_checkpoint.pth", "train_dhe")
+    assert state["args"]["optim"] == "sgd" and "momentum" in state["optimizer"]["param_groups"][0]
+
+    other = save_features_extractor(tmp_path / "other.torch", 2)
+    message = run_failing(train_dhe.cli, [*resume, "--resume_fe", str(other), "--resize", "96", "96"], capsys)
+    assert f"--resume_fe {other} contradicts the checkpoint's --resume_fe {backbone}" in message
+    assert "--resize 96 96 contradicts the checkpoint's --resize 64 64" in message
+    # the same file name with other weights
+    save_features_extractor(backbone, 3)
+    message = run_failing(train_dhe.cli, resume, capsys)
+    assert f"the features extractor ({backbone}) is not the one the run was trained with" in message
+
+
+def test_finetune_resume_refuses_another_criterion_and_carries_the_best_model(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    first = finetune.cli([*data(world), *FINETUNE, "--epochs_num", "1", "--exp_name", "first"])["output_folder"]
+    resume = [*data(world), *FINETUNE, "--resume_train", str(first / "last_checkpoint.pth"), "--exp_name", "resumed"]
+    message = run_failing(finetune.cli, [*resume, "--criterion", "sare_ind", "--epochs_num", "2"], capsys)
+    assert "--criterion sare_ind contradicts the checkpoint's --criterion triplet" in message
+
+    resumed = finetune.cli([*resume, "--epochs_num", "1"])["output_folder"]  # nothing left to train
+    for name in finetune.BEST_FILES:
+        assert (resumed / name).read_bytes() == (first / name).read_bytes()
+    info = (resumed / "info.log").read_text()
+    assert "The best model of the run so far (val_R@5 " in info and f"is copied from {first}" in info
+    assert "random weights" not in info
