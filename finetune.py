@@ -145,6 +145,11 @@ class Finetuning(training.Task):
                 "queries that have a positive"
             )
         self.val_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "val")
+        training.check_split_measures(
+            self.val_dataset,
+            args.val_positive_dist_threshold,
+            "validation, which chooses the best model" + (" and stops early" if args.patience else ""),
+        )
         self.flip_generator = torch.Generator().manual_seed(args.seed)  # one draw per global batch, on every rank
 
         parameters = [p for m in (self.features_extractor, self.head) for p in m.parameters() if p.requires_grad]

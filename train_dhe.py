@@ -134,6 +134,7 @@ class DHEInitialisation(training.Task):
                 f"--batch_size {args.batch_size}"
             )
         self.test_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
+        training.check_split_measures(self.test_dataset, args.val_positive_dist_threshold, "final test")
 
         parameters = [p for p in self.head.parameters() if p.requires_grad]
         if args.optim == "adam":

@@ -50,6 +50,8 @@ __all__ = [
     "capture_rng_states",
     "restore_rng_states",
     "load_training_checkpoint",
+    "check_split_measures",
+    "resume_arguments",
     "write_metrics",
     "plot_metrics",
     "fit",
@@ -206,6 +208,29 @@ def _apply_learning_rate(task: Task, lr: float) -> None:
         group["initial_lr"], group["lr"] = lr, lr * decay
     if task.scheduler is not None:
         task.scheduler.base_lrs = [lr for _ in task.optimizer.param_groups]
+
+
+def check_split_measures(dataset: Any, threshold: float, use: str) -> None:
+    """Refuse a validation or test split (`dataset`, a datasets_ws.BaseDataset) none of whose queries has a positive
+    within `threshold` metres: its recalls would be 0 whatever the model, so it could neither choose the best model,
+    nor stop early, nor report anything. Some queries without a positive get a warning: they count as misses.
+    `use` says what the split is for ("validation, which chooses the best model", ...)."""
+    positives = dataset.get_positives()
+    if positives is None:
+        return
+    without = sum(len(p) == 0 for p in positives)
+    if without == len(positives):
+        raise TrainingError(
+            f"{dataset.dataset_folder}: none of its {len(positives)} queries has a database image within {threshold} m "
+            f"(--val_positive_dist_threshold), so its recalls are 0 whatever the model and the {use} would measure "
+            "nothing: fix the split or the threshold"
+        )
+    if without:
+        logging.warning(
+            f"WARNING: {without} of the {len(positives)} queries of {dataset.dataset_folder} have no database image "
+            f"within {threshold} m: they count as misses in the {use}, whose recalls are at most "
+            f"{100 * (len(positives) - without) / len(positives):.1f}%"
+        )
 
 
 def write_metrics(rows: Sequence[dict], path: str | Path) -> None:

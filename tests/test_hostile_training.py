@@ -221,3 +221,40 @@ def test_finetune_resume_refuses_another_criterion_and_carries_the_best_model(wo
     info = (resumed / "info.log").read_text()
     assert "The best model of the run so far (val_R@5 " in info and f"is copied from {first}" in info
     assert "random weights" not in info
+
+
+# --------------------------------------------------------------------------- 6. validation that measures nothing
+def world_with_queries_moved_away(world: Path, root: Path, split: str, count: int) -> Path:
+    """A copy of the tiny world whose first `count` queries of `split` are 5 km east of where they were."""
+    shutil.copytree(world, root)
+    queries = sorted((root / "tiny" / "images" / split / "queries").iterdir())
+    for query in queries[:count]:
+        fields = query.name.split("@")
+        fields[1] = f"{float(fields[1]) + 5000:.2f}"
+        query.rename(query.with_name("@".join(fields)))
+    return root
+
+
+def test_a_validation_split_without_positives_is_refused(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    far = world_with_queries_moved_away(world, tmp_path / "far", "val", 4)
+    argv = [*data(far), *FINETUNE, "--epochs_num", "2", "--patience", "1", "--exp_name", "far"]
+    message = run_failing(finetune.cli, argv, capsys)
+    assert f"{far / 'tiny' / 'images' / 'val'}: none of its 4 queries has a database image within 25 m" in message
+    assert "validation, which chooses the best model and stops early would measure nothing" in message
+    assert not list(tmp_path.glob("logs/far/*"))  # refused before training: no run folder
+
+
+def test_a_test_split_without_positives_is_refused_by_train_dhe(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    far = world_with_queries_moved_away(world, tmp_path / "far", "test", 6)
+    message = run_failing(train_dhe.cli, [*data(far), *DHE, "--n_epochs", "1", "--exp_name", "far"], capsys)
+    assert "none of its 6 queries has a database image within 25 m" in message and "final test" in message
+
+
+def test_validation_queries_without_positives_are_logged(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    partly = world_with_queries_moved_away(world, tmp_path / "partly", "val", 1)
+    folder = finetune.cli([*data(partly), *FINETUNE, "--epochs_num", "1", "--exp_name", "partly"])["output_folder"]
+    assert "1 of the 4 queries of" in (folder / "info.log").read_text()
+    assert "recalls are at most 75.0%" in (folder / "info.log").read_text()
