@@ -560,14 +560,17 @@ def run(
             )
             resume = load_training_checkpoint(args.resume_train, script) if args.resume_train else None
             if resume is not None:
+                seed = args.seed
                 args = resume_arguments(args, resume.get("args", {}), _given_flags, args.resume_train)
+                if args.seed != seed:  # the run's --seed, taken from the checkpoint: what is built before fit
+                    commons.make_deterministic(args.seed + distributed.get_rank())  # restores the generators
             task = build_task(args, device, output_folder, resume)
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
             return fit(args, task, device, output_folder, resume)
         except BaseException as error:
             if distributed.is_main_process():
-                _end_stopped_run(output_folder, error)
+                _end_stopped_run(output_folder, error, args.resume_train)
             raise
     finally:
         distributed.shutdown()
@@ -580,9 +583,10 @@ def saved_weights(output_folder: Path) -> list[Path]:
     ]
 
 
-def _end_stopped_run(output_folder: Path, error: BaseException) -> None:
+def _end_stopped_run(output_folder: Path, error: BaseException, resumed_from: str | None) -> None:
     """Rank 0, when a run stops on an error or an interruption: the last line of info.log says what happened; the
-    run folder is removed only when it holds no trained weights (a failure before the first epoch was saved)."""
+    run folder is removed only when it holds no trained weights (a failure before the first epoch was saved).
+    `resumed_from`: the --resume_train checkpoint, still the last complete epoch until this run writes its own."""
     if isinstance(error, KeyboardInterrupt):
         what = f"was interrupted ({getattr(error, 'signal_name', 'Ctrl-C')})"
     else:
@@ -593,6 +597,11 @@ def _end_stopped_run(output_folder: Path, error: BaseException) -> None:
         logging.info(
             f"Stopped: the run {what}; the run folder {output_folder} keeps the last "
             f"complete epoch: continue with --resume_train {checkpoint}"
+        )
+    elif weights and resumed_from:
+        logging.error(
+            f"The run {what}; the run folder {output_folder} is kept with {', '.join(p.name for p in weights)}; the "
+            f"last complete epoch is still {resumed_from}: continue with --resume_train {resumed_from}"
         )
     elif weights:
         logging.error(

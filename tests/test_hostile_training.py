@@ -258,3 +258,32 @@ def test_validation_queries_without_positives_are_logged(world, tmp_path, monkey
     folder = finetune.cli([*data(partly), *FINETUNE, "--epochs_num", "1", "--exp_name", "partly"])["output_folder"]
     assert "1 of the 4 queries of" in (folder / "info.log").read_text()
     assert "recalls are at most 75.0%" in (folder / "info.log").read_text()
+
+
+def test_a_resumed_run_that_fails_points_to_the_checkpoint_it_came_from(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [*data(world), *FINETUNE, "--seed", "3"]
+    first = finetune.cli([*argv, "--epochs_num", "1", "--exp_name", "first"])["output_folder"]
+    checkpoint = first / "last_checkpoint.pth"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.evaluation, "test", interrupted)
+    resume = [*data(world), *FINETUNE, "--epochs_num", "2", "--resume_train", str(checkpoint), "--exp_name", "again"]
+    run_failing(finetune.cli, resume, capsys, 130)  # --seed 3 is taken from the checkpoint
+    (folder,) = (tmp_path / "logs" / "again").iterdir()  # kept: it holds the weights of epoch 1
+    assert (folder / "features_extractor_001.torch").is_file()
+    assert f"the last complete epoch is still {checkpoint}: continue with --resume_train {checkpoint}" in (
+        last_log_line(folder)
+    )
+    assert "taken from the checkpoint, as the run used them: --seed 3" in (folder / "info.log").read_text()
+
+
+def test_a_resumed_run_builds_its_models_with_the_runs_seed(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # no --resume_fe: train_dhe's frozen backbone is the random one of --seed 3, which the resumed run must rebuild
+    first = train_dhe.cli([*data(world), *DHE, "--n_epochs", "1", "--seed", "3", "--exp_name", "first"])
+    checkpoint = first["output_folder"] / "last_checkpoint.pth"
+    resumed = train_dhe.cli([*data(world), *DHE, "--resume_train", str(checkpoint), "--exp_name", "resumed"])
+    assert resumed["results"]["baseline"] == first["results"]["baseline"]
