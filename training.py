@@ -135,18 +135,20 @@ def load_training_checkpoint(path: str | Path, script: str) -> dict:
 # What `--resume_train` does with each flag. A resumed run continues the run it came from, so every flag that is not
 # in one of these two tables must match the checkpoint's value: left out, it is taken from the checkpoint (logged);
 # given with another value, the run is refused with the flag, the checkpoint's value and the new one.
-RESUME_CHANGEABLE = {  # left out: the run's value; given: the new value is applied and logged
+RESUME_CHANGEABLE = {  # left out: the run's value; given: the new value is applied and logged (as a warning when
+    # its reason starts with WARNING)
     "lr": "the optimizer's learning rate (and the scheduler's base) is set to it, keeping the decay so far",
     "n_epochs": "the run goes on to this many epochs",
     "epochs_num": "the run goes on to this many epochs",
     "patience": "early stopping counts the epochs without improvement of the run so far",
     "num_reranked_preds": "validation and test re-rank this many predictions",
+    "num_workers": "WARNING: each data-loader worker draws its own random crops, so the batches differ from those "
+    "of an uninterrupted run",
 }
 RESUME_FREE = {  # where and how this process runs, not what it trains: this run's value, never compared
     "resume_train",
     "exp_name",
     "device",
-    "num_workers",
     "infer_batch_size",
     "rerank_batch_size",
     "local_features_dir",
@@ -197,7 +199,7 @@ def resume_arguments(
     if taken:
         logging.info("Resuming: taken from the checkpoint, as the run used them: " + ", ".join(taken))
     for line in changed:
-        logging.info(f"Resuming with a change: {line}")
+        (logging.warning if "WARNING" in line else logging.info)(f"Resuming with a change: {line}")
     return resolved
 
 

@@ -188,8 +188,9 @@ def test_train_dhe_resume_takes_the_runs_flags_applies_lr_and_refuses_contradict
     resume = [*data(world), *DHE, "--resume_train", str(checkpoint), "--exp_name", "resumed"]
 
     # left out, --resume_fe and --optim are the run's (not a random backbone and Adam); --lr is applied
-    resumed = train_dhe.cli([*resume, "--n_epochs", "2", "--lr", "0.001"])["output_folder"]
+    resumed = train_dhe.cli([*resume, "--n_epochs", "2", "--lr", "0.001", "--num_workers", "1"])["output_folder"]
     info = (resumed / "info.log").read_text()
+    assert "Resuming with a change: --num_workers 1 (the run had 0: WARNING: each data-loader worker" in info
     assert f"taken from the checkpoint, as the run used them: --optim sgd, --resume_fe {backbone}" in info
     assert "Resuming with a change: --lr 0.001 (the run had 0.0001" in info
     assert "random weights" not in info  # the head and the backbone are not random
