@@ -139,6 +139,8 @@ class Finetuning(training.Task):
 
         self.dataset = TripletsDataset(args, args.datasets_folder, args.dataset_name, "train")
         logging.info(f"Train set: {self.dataset}")
+        self.train_split_digest = training.split_digest(self.dataset)
+        training.check_resumed_split(self.dataset, self.train_split_digest, resume)
         if args.cache_refresh_rate > self.dataset.queries_num:
             raise training.TrainingError(
                 f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {self.dataset.queries_num} training "
@@ -273,6 +275,7 @@ class Finetuning(training.Task):
         state = {
             "mining_rng": self.dataset.rng.bit_generator.state,
             "flip_generator": self.flip_generator.get_state(),
+            "train_split_digest": self.train_split_digest,
             "last_validation": {
                 k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.last_validation.items()
             },

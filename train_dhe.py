@@ -119,6 +119,8 @@ class DHEInitialisation(training.Task):
 
         train_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "train")
         logging.info(f"Train set: {train_dataset}")
+        self.train_split_digest = training.split_digest(train_dataset)
+        training.check_resumed_split(train_dataset, self.train_split_digest, resume)
         if resume is not None:
             pairs = resume["task"]["pairs"].numpy()
         else:  # computed once by rank 0 with the initial backbone, as the original, and shared
@@ -211,6 +213,7 @@ class DHEInitialisation(training.Task):
         return {
             "pairs": torch.from_numpy(self.pairs.pairs),
             "features_extractor_digest": self.features_extractor_digest,
+            "train_split_digest": self.train_split_digest,
         }
 
 

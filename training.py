@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -51,6 +53,8 @@ __all__ = [
     "restore_rng_states",
     "load_training_checkpoint",
     "check_split_measures",
+    "split_digest",
+    "check_resumed_split",
     "resume_arguments",
     "write_metrics",
     "plot_metrics",
@@ -157,6 +161,26 @@ RESUME_FREE = {  # where and how this process runs, not what it trains: this run
     "compile_head",
     "save_predictions",
 }
+
+
+def split_digest(dataset: Any) -> str:
+    """SHA-256 of a split's image list (a datasets_ws.BaseDataset's database then query paths, relative to its
+    folder), which a resumed run compares with the run's: its pairs, triplets and caches index those images."""
+    digest = hashlib.sha256()
+    for path in [*dataset.database_paths, *dataset.queries_paths]:
+        digest.update(os.path.relpath(path, dataset.dataset_folder).encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def check_resumed_split(dataset: Any, digest: str, resume: dict | None) -> None:
+    """Refuse to resume on a train split whose images are not those of the run (`digest` from `split_digest`)."""
+    recorded = resume["task"].get("train_split_digest") if resume is not None else None
+    if recorded is not None and recorded != digest:
+        raise TrainingError(
+            f"--resume_train: the train split {dataset.dataset_folder} is not the one the run trained on (its images "
+            f"changed since; it now has {dataset.database_num} database images and {dataset.queries_num} queries), "
+            "and the run's pairs and mining index its images: restore the split, or start a new run"
+        )
 
 
 def _as_checkpoint_value(value: Any) -> Any:
@@ -564,6 +588,7 @@ def run(
             if resume is not None:
                 seed = args.seed
                 args = resume_arguments(args, resume.get("args", {}), _given_flags, args.resume_train)
+                logging.debug(f"Arguments of the resumed run: {args}")
                 if args.seed != seed:  # the run's --seed, taken from the checkpoint: what is built before fit
                     commons.make_deterministic(args.seed + distributed.get_rank())  # restores the generators
             task = build_task(args, device, output_folder, resume)

@@ -288,3 +288,21 @@ def test_a_resumed_run_builds_its_models_with_the_runs_seed(world, tmp_path, mon
     checkpoint = first["output_folder"] / "last_checkpoint.pth"
     resumed = train_dhe.cli([*data(world), *DHE, "--resume_train", str(checkpoint), "--exp_name", "resumed"])
     assert resumed["results"]["baseline"] == first["results"]["baseline"]
+
+
+def test_resuming_on_a_train_split_whose_images_changed_is_refused(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    first = train_dhe.cli([*data(copy), *DHE, "--n_epochs", "1", "--exp_name", "first"])["output_folder"]
+    database = sorted((copy / "tiny" / "images" / "train" / "database").iterdir())
+    # one image less and one more: the same count, but the run's pairs (indexes in the sorted list) now point to
+    # other images
+    database[0].unlink()
+    fields = database[-1].name.split("@")
+    fields[1] = f"{float(fields[1]) + 1:.2f}"
+    shutil.copyfile(database[-1], database[-1].with_name("@".join(fields)))
+    resume = [*data(copy), *DHE, "--resume_train", str(first / "last_checkpoint.pth"), "--n_epochs", "2"]
+    message = run_failing(train_dhe.cli, resume, capsys)
+    assert f"the train split {copy / 'tiny' / 'images' / 'train'} is not the one the run trained on" in message
+    assert "it now has 16 database images" in message
