@@ -388,6 +388,14 @@ def _write_error(path: Path, temporary: Path, error: BaseException, needed: int 
         reason = f"no space left on the device ({free} bytes free in {path.parent}"
         reason += ", or a disk quota)" if number == errno.EDQUOT else ")"
         advice = "free some space there, or write elsewhere (--exp_name, another working folder), and run again"
+    elif isinstance(error, RuntimeError) and re.search(r"unexpected pos|file write failed", str(error)):
+        # torch's writer lost bytes for a reason it does not say: a disk quota, a network file system, a full disk
+        # that freed up since
+        reason = f"the write failed ({str(error).strip().splitlines()[0]})"
+        advice = (
+            f"check the free space ({free} bytes), the disk quota (quota -s) and the file-size limit (ulimit -f) "
+            f"of {path.parent}, and run again"
+        )
     else:
         return None
     clear = OSError(

@@ -306,3 +306,16 @@ def test_resuming_on_a_train_split_whose_images_changed_is_refused(world, tmp_pa
     message = run_failing(train_dhe.cli, resume, capsys)
     assert f"the train split {copy / 'tiny' / 'images' / 'train'} is not the one the run trained on" in message
     assert "it now has 16 database images" in message
+
+
+def test_a_write_that_torch_reports_without_a_reason_is_one_line_that_says_what_to_check(tmp_path, monkeypatch):
+    path = tmp_path / "last_checkpoint.pth"
+
+    def quota_exceeded(obj, temporary):  # a disk quota: plenty of free space, and torch says only this
+        Path(temporary).write_bytes(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoints.torch, "save", quota_exceeded)
+    with pytest.raises(OSError, match=r"cannot write .*last_checkpoint.pth: the write failed \(\[enforce fail"):
+        checkpoints.save_atomically({"weights": torch.zeros(3)}, path)
+    assert list(tmp_path.iterdir()) == []
