@@ -174,10 +174,14 @@ def log_run_header(args: argparse.Namespace, output_folder: Path) -> None:
     logging.debug(f"Process id {os.getpid()}, {torch.get_num_threads()} torch threads")
 
 
-def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(
+    args: argparse.Namespace, device: torch.device, from_checkpoint: tuple[str, ...] = ()
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The features extractor and DHE head from `--resize --trunc_te --freeze_te --pretrained_cct --resume_*`.
 
-    A missing `--resume_fe` / `--resume_hr` gets the original's warning: that part is randomly initialised.
+    A missing `--resume_fe` / `--resume_hr` gets the original's warning: that part is randomly initialised. The parts
+    named in `from_checkpoint` ("features_extractor", "homography_regression") get their weights from the caller's
+    `--resume_train` checkpoint: they are neither loaded nor warned about here.
     """
     from model import FeaturesExtractor, HomographyRegression
     from model.checkpoints import load_features_extractor, load_homography_regression
@@ -185,7 +189,9 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     features_extractor = FeaturesExtractor(
         resize=args.resize, trunc_te=args.trunc_te, freeze_te=args.freeze_te, pretrained_cct=args.pretrained_cct
     )
-    if args.resume_fe is not None:
+    if "features_extractor" in from_checkpoint:
+        logging.info(f"The features extractor's weights come from --resume_train {args.resume_train}")
+    elif args.resume_fe is not None:
         load_features_extractor(features_extractor, args.resume_fe)
         logging.info(f"Loaded the features extractor from {args.resume_fe}")
     elif args.pretrained_cct is None:
@@ -193,7 +199,9 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[torch.
             "WARNING: --resume_fe is not set, meaning that the features extractor is not initialised (random weights)!"
         )
     homography_regression = HomographyRegression(resize=args.resize)
-    if args.resume_hr is not None:
+    if "homography_regression" in from_checkpoint:
+        logging.info(f"The DHE head's weights come from --resume_train {args.resume_train}")
+    elif args.resume_hr is not None:
         load_homography_regression(homography_regression, args.resume_hr)
         logging.info(f"Loaded the DHE head from {args.resume_hr}")
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,10 +31,11 @@ import eval as evaluation
 import training
 from datasets_ws import BaseDataset, TripletsDataset, collate_fn
 from model import compute_similarity
-from model.checkpoints import save_state_dict
+from model.checkpoints import replaced_atomically, save_state_dict
 from model.homography import points_to_homography, rei_loss
 from train_dhe import SGD_MOMENTUM, SGD_WEIGHT_DECAY, dlt_weights
 
+BEST_FILES = ("best_features_extractor.torch", "best_homography_regression.torch")
 FIXES = (
     "--criterion sare_ind and sare_joint work, as the geo-localization benchmark defines them (the original crashed)",
     "the best model by validation R@5 is kept (best_*.torch); --patience stops early only when given (the original "
@@ -129,19 +131,27 @@ class Finetuning(training.Task):
                 f"{args.train_batch_size}: a loop would have no batch"
             )
         self.local_batch_size = args.train_batch_size // world_size
-        features_extractor, head = commons.build_models(args, device)
+        from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
+        features_extractor, head = commons.build_models(args, device, from_checkpoint)
         self.features_extractor = distributed.wrap(features_extractor, device)
         self.head = distributed.wrap(head, device)
         self.modules = {"features_extractor": self.features_extractor, "homography_regression": self.head}
 
         self.dataset = TripletsDataset(args, args.datasets_folder, args.dataset_name, "train")
         logging.info(f"Train set: {self.dataset}")
+        self.train_split_digest = training.split_digest(self.dataset)
+        training.check_resumed_split(self.dataset, self.train_split_digest, resume)
         if args.cache_refresh_rate > self.dataset.queries_num:
             raise training.TrainingError(
                 f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {self.dataset.queries_num} training "
                 "queries that have a positive"
             )
         self.val_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "val")
+        training.check_split_measures(
+            self.val_dataset,
+            args.val_positive_dist_threshold,
+            "validation, which chooses the best model" + (" and stops early" if args.patience else ""),
+        )
         self.flip_generator = torch.Generator().manual_seed(args.seed)  # one draw per global batch, on every rank
 
         parameters = [p for m in (self.features_extractor, self.head) for p in m.parameters() if p.requires_grad]
@@ -161,6 +171,28 @@ class Finetuning(training.Task):
         self.selection_key = f"val_R@{5 if 5 in recall_values else recall_values[0]}"
         self.patience = args.patience
         self.last_validation: dict = {}
+        if resume is not None and distributed.is_main_process():
+            self._carry_best_model(Path(args.resume_train).parent, output_folder, resume)
+
+    def _carry_best_model(self, previous: Path, output_folder: Path, resume: dict) -> None:
+        """Copy the run's best model so far (best_*.torch, in the folder of the resumed checkpoint) to this run's
+        folder, so that the folder of a resumed run holds the best model of the whole run; say so, or that it is
+        missing."""
+        if resume["best"] is None:
+            return
+        epochs = [row["epoch"] for row in resume["metrics"] if row.get(self.selection_key) == resume["best"]]
+        what = f"{self.selection_key} {resume['best']:.2f} at epoch {epochs[0] if epochs else '?'}"
+        missing = [name for name in BEST_FILES if not (previous / name).is_file()]
+        if missing:
+            logging.warning(
+                f"WARNING: the best model of the run so far ({what}) was saved in {previous}, which no longer holds "
+                f"{', '.join(missing)}: this run writes best_*.torch only when validation beats it"
+            )
+            return
+        for name in BEST_FILES:
+            with replaced_atomically(output_folder / name) as temporary:
+                shutil.copyfile(previous / name, temporary)
+        logging.info(f"The best model of the run so far ({what}) is copied from {previous} to {output_folder}")
 
     def _mine(self) -> None:
         """Rank 0 mines the next `--cache_refresh_rate` triplets; every rank gets them."""
@@ -226,8 +258,8 @@ class Finetuning(training.Task):
         return metrics
 
     def save_best(self, output_folder: Path) -> None:
-        save_state_dict(self.features_extractor, output_folder / "best_features_extractor.torch")
-        save_state_dict(self.head, output_folder / "best_homography_regression.torch")
+        save_state_dict(self.features_extractor, output_folder / BEST_FILES[0])
+        save_state_dict(self.head, output_folder / BEST_FILES[1])
 
     def finish(self, output_folder: Path) -> dict:
         validation = self.last_validation or {"baseline": None, "reranked": None, "epoch": None}
@@ -243,6 +275,7 @@ class Finetuning(training.Task):
         state = {
             "mining_rng": self.dataset.rng.bit_generator.state,
             "flip_generator": self.flip_generator.get_state(),
+            "train_split_digest": self.train_split_digest,
             "last_validation": {
                 k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.last_validation.items()
             },

@@ -491,6 +491,15 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return args
 
 
+def given_flags(script: str, argv: Sequence[str] | None = None) -> set[str]:
+    """The flags (their `dest`s) given explicitly in `argv`, whatever their values: defaults are left out."""
+    parser = build_parser(script)
+    parser._defaults.clear()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def parse_arguments(script: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags of `script` ("eval", "finetune" or "train_dhe")."""
     parser = build_parser(script)

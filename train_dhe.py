@@ -12,6 +12,7 @@ recalls before and after re-ranking. Several processes: `torchrun --nproc_per_no
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -71,6 +72,16 @@ def head_loss(
         return rei_loss(local_query, local_positive, H).mean()
 
 
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of `module`'s state dict (names, dtypes, shapes and bytes), independent of the device."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class DHEInitialisation(training.Task):
     """The original's `train_dhe.py` as a `training.Task`."""
 
@@ -87,13 +98,29 @@ class DHEInitialisation(training.Task):
             )
         self.local_batch_size = args.batch_size // world_size
         self.rank = rank
-        self.features_extractor, head = commons.build_models(args, device)
+        from_checkpoint = ("homography_regression",) if resume is not None else ()
+        self.features_extractor, head = commons.build_models(args, device, from_checkpoint)
         self.features_extractor.eval().requires_grad_(False)
+        # The frozen backbone is not in last_checkpoint.pth (it never changes): its digest is, so that a resumed run
+        # refuses a --resume_fe file whose weights are not those the run trained on.
+        self.features_extractor_digest = weights_digest(self.features_extractor)
+        if resume is not None and resume["task"].get("features_extractor_digest") not in (
+            None,
+            self.features_extractor_digest,
+        ):
+            source = args.resume_fe or args.pretrained_cct or "random weights of --seed"
+            raise training.TrainingError(
+                f"--resume_train {args.resume_train}: the features extractor ({source}) is not the one the run was "
+                "trained with (its weights differ): the file changed since, or another one has its name; continue "
+                "with the original weights, or start a new run"
+            )
         self.head = distributed.wrap(head, device)
         self.modules = {"homography_regression": self.head}
 
         train_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "train")
         logging.info(f"Train set: {train_dataset}")
+        self.train_split_digest = training.split_digest(train_dataset)
+        training.check_resumed_split(train_dataset, self.train_split_digest, resume)
         if resume is not None:
             pairs = resume["task"]["pairs"].numpy()
         else:  # computed once by rank 0 with the initial backbone, as the original, and shared
@@ -109,6 +136,7 @@ class DHEInitialisation(training.Task):
                 f"--batch_size {args.batch_size}"
             )
         self.test_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
+        training.check_split_measures(self.test_dataset, args.val_positive_dist_threshold, "final test")
 
         parameters = [p for p in self.head.parameters() if p.requires_grad]
         if args.optim == "adam":
@@ -182,7 +210,11 @@ class DHEInitialisation(training.Task):
         }
 
     def state(self) -> dict:
-        return {"pairs": torch.from_numpy(self.pairs.pairs)}
+        return {
+            "pairs": torch.from_numpy(self.pairs.pairs),
+            "features_extractor_digest": self.features_extractor_digest,
+            "train_split_digest": self.train_split_digest,
+        }
 
 
 def main(args: argparse.Namespace) -> dict:

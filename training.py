@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -50,6 +52,10 @@ __all__ = [
     "capture_rng_states",
     "restore_rng_states",
     "load_training_checkpoint",
+    "check_split_measures",
+    "split_digest",
+    "check_resumed_split",
+    "resume_arguments",
     "write_metrics",
     "plot_metrics",
     "fit",
@@ -127,6 +133,130 @@ def load_training_checkpoint(path: str | Path, script: str) -> dict:
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise TrainingError(f"--resume_train {path}: checkpoint format {checkpoint['format']}, expected 1")
     return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------- resuming
+# What `--resume_train` does with each flag. A resumed run continues the run it came from, so every flag that is not
+# in one of these two tables must match the checkpoint's value: left out, it is taken from the checkpoint (logged);
+# given with another value, the run is refused with the flag, the checkpoint's value and the new one.
+RESUME_CHANGEABLE = {  # left out: the run's value; given: the new value is applied and logged (as a warning when
+    # its reason starts with WARNING)
+    "lr": "the optimizer's learning rate (and the scheduler's base) is set to it, keeping the decay so far",
+    "n_epochs": "the run goes on to this many epochs",
+    "epochs_num": "the run goes on to this many epochs",
+    "patience": "early stopping counts the epochs without improvement of the run so far",
+    "num_reranked_preds": "validation and test re-rank this many predictions",
+    "num_workers": "WARNING: each data-loader worker draws its own random crops, so the batches differ from those "
+    "of an uninterrupted run",
+}
+RESUME_FREE = {  # where and how this process runs, not what it trains: this run's value, never compared
+    "resume_train",
+    "exp_name",
+    "device",
+    "infer_batch_size",
+    "rerank_batch_size",
+    "local_features_dir",
+    "local_features_in_memory_mb",
+    "efficient_ram_testing",
+    "compile_head",
+    "save_predictions",
+}
+
+
+def split_digest(dataset: Any) -> str:
+    """SHA-256 of a split's image list (a datasets_ws.BaseDataset's database then query paths, relative to its
+    folder), which a resumed run compares with the run's: its pairs, triplets and caches index those images."""
+    digest = hashlib.sha256()
+    for path in [*dataset.database_paths, *dataset.queries_paths]:
+        digest.update(os.path.relpath(path, dataset.dataset_folder).encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def check_resumed_split(dataset: Any, digest: str, resume: dict | None) -> None:
+    """Refuse to resume on a train split whose images are not those of the run (`digest` from `split_digest`)."""
+    recorded = resume["task"].get("train_split_digest") if resume is not None else None
+    if recorded is not None and recorded != digest:
+        raise TrainingError(
+            f"--resume_train: the train split {dataset.dataset_folder} is not the one the run trained on (its images "
+            f"changed since; it now has {dataset.database_num} database images and {dataset.queries_num} queries), "
+            "and the run's pairs and mining index its images: restore the split, or start a new run"
+        )
+
+
+def _as_checkpoint_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume_arguments(
+    args: argparse.Namespace, checkpoint_args: dict, given: set[str] | None, source: str
+) -> argparse.Namespace:
+    """The flags of a run resumed from a checkpoint whose flags were `checkpoint_args`, by RESUME_CHANGEABLE and
+    RESUME_FREE (every other flag must match). `given`: the flags given on the command line (None: every flag whose
+    value differs from the checkpoint's counts as given). Logs what is taken from the checkpoint and what changes.
+
+    Raises:
+        TrainingError: naming each given flag that contradicts the checkpoint, with both values.
+    """
+    resolved = argparse.Namespace(**vars(args))
+    taken, changed, refused = [], [], []
+    for name, value in sorted(vars(args).items()):
+        if name in RESUME_FREE or name not in checkpoint_args:
+            continue
+        old = checkpoint_args[name]
+        if _as_checkpoint_value(value) == old:
+            continue
+        shown_old = " ".join(map(str, old)) if isinstance(old, list) else old
+        shown_new = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if given is not None and name not in given:
+            setattr(resolved, name, tuple(old) if isinstance(value, tuple) else old)
+            taken.append(f"--{name} {shown_old}")
+        elif name in RESUME_CHANGEABLE:
+            changed.append(f"--{name} {shown_new} (the run had {shown_old}: {RESUME_CHANGEABLE[name]})")
+        else:
+            refused.append(f"--{name} {shown_new} contradicts the checkpoint's --{name} {shown_old}")
+    if refused:
+        raise TrainingError(
+            f"--resume_train {source} continues a run, which needs the flags it was started with: "
+            + "; ".join(refused)
+            + " (leave these flags out to continue the run, or start a new run without --resume_train)"
+        )
+    if taken:
+        logging.info("Resuming: taken from the checkpoint, as the run used them: " + ", ".join(taken))
+    for line in changed:
+        (logging.warning if "WARNING" in line else logging.info)(f"Resuming with a change: {line}")
+    return resolved
+
+
+def _apply_learning_rate(task: Task, lr: float) -> None:
+    """Set the optimizer's learning rate to `lr` after loading its state, keeping the scheduler's decay so far."""
+    for group in task.optimizer.param_groups:
+        decay = group["lr"] / group.get("initial_lr", group["lr"])
+        group["initial_lr"], group["lr"] = lr, lr * decay
+    if task.scheduler is not None:
+        task.scheduler.base_lrs = [lr for _ in task.optimizer.param_groups]
+
+
+def check_split_measures(dataset: Any, threshold: float, use: str) -> None:
+    """Refuse a validation or test split (`dataset`, a datasets_ws.BaseDataset) none of whose queries has a positive
+    within `threshold` metres: its recalls would be 0 whatever the model, so it could neither choose the best model,
+    nor stop early, nor report anything. Some queries without a positive get a warning: they count as misses.
+    `use` says what the split is for ("validation, which chooses the best model", ...)."""
+    positives = dataset.get_positives()
+    if positives is None:
+        return
+    without = sum(len(p) == 0 for p in positives)
+    if without == len(positives):
+        raise TrainingError(
+            f"{dataset.dataset_folder}: none of its {len(positives)} queries has a database image within {threshold} m "
+            f"(--val_positive_dist_threshold), so its recalls are 0 whatever the model and the {use} would measure "
+            "nothing: fix the split or the threshold"
+        )
+    if without:
+        logging.warning(
+            f"WARNING: {without} of the {len(positives)} queries of {dataset.dataset_folder} have no database image "
+            f"within {threshold} m: they count as misses in the {use}, whose recalls are at most "
+            f"{100 * (len(positives) - without) / len(positives):.1f}%"
+        )
 
 
 def write_metrics(rows: Sequence[dict], path: str | Path) -> None:
@@ -292,6 +422,8 @@ def fit(args: argparse.Namespace, task: Task, device: torch.device, output_folde
         task.optimizer.load_state_dict(resume["optimizer"])
         if task.scheduler is not None:
             task.scheduler.load_state_dict(resume["scheduler"])
+        if args.lr != resume["args"].get("lr", args.lr):
+            _apply_learning_rate(task, args.lr)
         task.scaler.load_state_dict(resume["scaler"])
         start_epoch, iteration, rows = resume["epoch"], resume["iteration"], list(resume["metrics"])
         best, not_improved = resume["best"], resume["not_improved"]
@@ -432,8 +564,9 @@ def run(
 ) -> dict:
     """Set up the processes, the run folder and the logs, resume if asked, build the task and `fit` it.
 
-    A run that fails before its first epoch is saved leaves no run folder; a later failure or interruption keeps
-    the folder, whose `last_checkpoint.pth` is the last complete epoch.
+    A run that fails before it saved any weights leaves no run folder; a later failure or interruption keeps the
+    folder and every weights file in it (`last_checkpoint.pth` is the last complete epoch), and the last line of
+    its info.log says what happened.
     """
     device = distributed.init(args.device)
     try:
@@ -452,27 +585,66 @@ def run(
                 + (" with mixed precision " + str(amp_dtype(device)).removeprefix("torch.") if args.amp else "")
             )
             resume = load_training_checkpoint(args.resume_train, script) if args.resume_train else None
+            if resume is not None:
+                seed = args.seed
+                args = resume_arguments(args, resume.get("args", {}), _given_flags, args.resume_train)
+                logging.debug(f"Arguments of the resumed run: {args}")
+                if args.seed != seed:  # the run's --seed, taken from the checkpoint: what is built before fit
+                    commons.make_deterministic(args.seed + distributed.get_rank())  # restores the generators
             task = build_task(args, device, output_folder, resume)
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
             return fit(args, task, device, output_folder, resume)
         except BaseException as error:
             if distributed.is_main_process():
-                keep = (output_folder / LAST_CHECKPOINT).exists()
-                if keep:
-                    logging.info(
-                        f"Stopped ({type(error).__name__}); the run folder {output_folder} keeps the last complete "
-                        f"epoch: continue with --resume_train {output_folder / LAST_CHECKPOINT}"
-                    )
-                else:
-                    logging.debug("Failed before any epoch was saved", exc_info=True)
-                commons.close_logging()
-                if not keep:
-                    commons.remove_run_folder(output_folder)
+                _end_stopped_run(output_folder, error, args.resume_train)
             raise
     finally:
         distributed.shutdown()
 
+
+def saved_weights(output_folder: Path) -> list[Path]:
+    """The trained weights in a run folder: the task's state dicts (`*.torch`) and `last_checkpoint.pth`."""
+    return sorted(p for p in output_folder.glob("*.torch") if p.is_file()) + [
+        p for p in [output_folder / LAST_CHECKPOINT] if p.is_file()
+    ]
+
+
+def _end_stopped_run(output_folder: Path, error: BaseException, resumed_from: str | None) -> None:
+    """Rank 0, when a run stops on an error or an interruption: the last line of info.log says what happened; the
+    run folder is removed only when it holds no trained weights (a failure before the first epoch was saved).
+    `resumed_from`: the --resume_train checkpoint, still the last complete epoch until this run writes its own."""
+    if isinstance(error, KeyboardInterrupt):
+        what = f"was interrupted ({getattr(error, 'signal_name', 'Ctrl-C')})"
+    else:
+        what = f"failed ({type(error).__name__}: {error})"
+    weights = saved_weights(output_folder)
+    checkpoint = output_folder / LAST_CHECKPOINT
+    if checkpoint.is_file():
+        logging.info(
+            f"Stopped: the run {what}; the run folder {output_folder} keeps the last "
+            f"complete epoch: continue with --resume_train {checkpoint}"
+        )
+    elif weights and resumed_from:
+        logging.error(
+            f"The run {what}; the run folder {output_folder} is kept with {', '.join(p.name for p in weights)}; the "
+            f"last complete epoch is still {resumed_from}: continue with --resume_train {resumed_from}"
+        )
+    elif weights:
+        logging.error(
+            f"The run {what}; the run folder {output_folder} is kept with the weights saved so far "
+            f"({', '.join(p.name for p in weights)}) but no {LAST_CHECKPOINT}: the run cannot be resumed, start a new "
+            "one from these weights (--resume_fe / --resume_hr)"
+        )
+    else:
+        logging.debug("Failed before any epoch was saved", exc_info=True)
+    commons.close_logging()
+    if not weights:
+        commons.remove_run_folder(output_folder)
+
+
+# The flags given on the command line of the run `cli` is running (for `resume_arguments`); None outside `cli`.
+_given_flags: set[str] | None = None
 
 EXPECTED_ERRORS = (TrainingError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError)
 
@@ -481,8 +653,10 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
     """Parse `argv`, run `main(args)`; bad input and non-finite losses end with a one-line error and exit code 1."""
     import parser as flags
 
+    global _given_flags
     restore_signal_handlers = commons.install_signal_handlers()
     args = flags.parse_arguments(script, argv)
+    _given_flags = flags.given_flags(script, argv)
     try:
         return main(args)
     except EXPECTED_ERRORS as error:
@@ -494,5 +668,6 @@ def cli(script: str, main: Callable[[argparse.Namespace], dict], argv: Sequence[
         print(f"{script}.py: interrupted by {signal_name}", file=sys.stderr)
         raise SystemExit(128 + getattr(error, "signum", signal.SIGINT)) from None
     finally:
+        _given_flags = None
         commons.close_logging()
         restore_signal_handlers()
