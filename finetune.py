@@ -130,6 +130,7 @@ class Finetuning(training.Task):
             )
         self.local_batch_size = args.train_batch_size // world_size
         features_extractor, head = commons.build_models(args, device)
+        distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
         self.features_extractor = distributed.wrap(features_extractor, device)
         self.head = distributed.wrap(head, device)
         self.modules = {"features_extractor": self.features_extractor, "homography_regression": self.head}

@@ -88,6 +88,7 @@ class DHEInitialisation(training.Task):
         self.local_batch_size = args.batch_size // world_size
         self.rank = rank
         self.features_extractor, head = commons.build_models(args, device)
+        distributed.share_weights(self.features_extractor, head)  # the frozen backbone too: it is not in DDP
         self.features_extractor.eval().requires_grad_(False)
         self.head = distributed.wrap(head, device)
         self.modules = {"homography_regression": self.head}
