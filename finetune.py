@@ -88,7 +88,7 @@ def joint_losses(
     Args:
         images: (B * (2 + N), 3, H, W), each group's query first, then its positive.
         triplets: (B * N, 3) rows (query, positive, negative) indexing `images`.
-        args: `criterion`, `margin`, `rei_weight`.
+        args: `criterion`, `margin`, `rei_weight`, `rei_inliers`.
     Returns:
         {"loss": triplet + rei_weight * rei, "triplet_loss": metric loss sum / (B * N), "rei_loss": REI sum / B},
         scalars. The models run in the caller's autocast state; correlation, DLT, matching and RANSAC in float32.
@@ -105,7 +105,7 @@ def joint_losses(
     points = head(correlation)
     with torch.autocast(device.type, enabled=False):
         H = points_to_homography(points.float(), dlt_weights(items, device))
-        rei = rei_loss(local_query, local_positive, H).sum() / items
+        rei = rei_loss(local_query, local_positive, H, inliers=args.rei_inliers).sum() / items
     return {"loss": metric + args.rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
 
 

@@ -53,9 +53,16 @@ def dlt_weights(batch_size: int, device: torch.device) -> Tensor:
 
 
 def head_loss(
-    features_extractor: nn.Module, head: nn.Module, query: Tensor, positive: Tensor, device: torch.device
+    features_extractor: nn.Module,
+    head: nn.Module,
+    query: Tensor,
+    positive: Tensor,
+    device: torch.device,
+    rei_inliers: str = "minimal",
 ) -> Tensor:
     """Mean REI loss of a batch of pairs: query and positive images (B, 3, H, W) -> () loss.
+
+    `rei_inliers` ("minimal" or "refined", `--rei_inliers`) is how RANSAC's inliers k are counted (`rei_loss`).
 
     The backbone runs under no_grad (it is frozen here); the head runs in the caller's autocast state; the
     correlation, DLT, matching and RANSAC in float32.
@@ -68,7 +75,7 @@ def head_loss(
     points = head(correlation)
     with torch.autocast(device.type, enabled=False):
         H = points_to_homography(points.float(), dlt_weights(len(points), device))
-        return rei_loss(local_query, local_positive, H).mean()
+        return rei_loss(local_query, local_positive, H, inliers=rei_inliers).mean()
 
 
 class DHEInitialisation(training.Task):
@@ -158,7 +165,8 @@ class DHEInitialisation(training.Task):
 
     def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         query, positive = batch
-        return {"loss": head_loss(self.features_extractor, self.head, query, positive, self.device)}
+        loss = head_loss(self.features_extractor, self.head, query, positive, self.device, self.args.rei_inliers)
+        return {"loss": loss}
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         if epoch % SAVE_PERIOD == SAVE_PERIOD - 1 or epoch == self.num_epochs - 1:

@@ -22,6 +22,13 @@ import finetune
 import parser as flags
 import train_dhe
 import training
+from model.homography import (
+    RANSAC_THRESHOLD,
+    find_homography_ransac,
+    matched_keypoints,
+    rei_loss,
+    reprojection_distances,
+)
 from synthetic import generate_world
 
 SIZE = 32
@@ -81,10 +88,16 @@ def _equalised_task(script: str):
             for layer in module.modules():
                 if isinstance(layer, nn.Dropout):
                     layer.p = 0.0
-        task.finish = lambda output_folder: {"baseline": None, "reranked": None}  # no test pass: not what is tested
+        # no validation nor test pass: not what is tested
+        task.end_epoch = lambda epoch, output_folder: {}
+        task.finish = lambda output_folder: {"baseline": None, "reranked": None}
         return task
 
     return build
+
+
+def _unit_dlt_weights(batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(batch_size, 4, device=device)
 
 
 def _process(rank: int, world_size: int, port: int, script: str, arguments: list[str], mode: str, out: str) -> None:
@@ -98,8 +111,7 @@ def _process(rank: int, world_size: int, port: int, script: str, arguments: list
     )
     torch.set_num_threads(1)
     os.chdir(out)
-    train_dhe.dlt_weights = lambda batch_size, device: torch.ones(batch_size, 4, device=device)
-    finetune.dlt_weights = train_dhe.dlt_weights
+    train_dhe.dlt_weights = finetune.dlt_weights = _unit_dlt_weights  # a process of its own: nothing else to restore
     args = flags.parse_arguments(script, arguments)
     if mode == "digest":
         try:
@@ -122,14 +134,13 @@ def run_processes(world_size: int, script: str, arguments: list[str], mode: str,
 
 
 # ------------------------------------------------------------------------------------------- A: seeds near 2**32
-@pytest.mark.parametrize("script", ["train_dhe", "finetune"])
-def test_a_seed_at_the_top_of_the_range_trains_in_every_process(world, tmp_path, script):
+def test_a_seed_at_the_top_of_the_range_trains_in_every_process(world, tmp_path):
     """Rank 1 of --seed 4294967295 seeded numpy with 2**32 (out of its range) and failed; it must train, with data
     loader workers, and with random streams of its own."""
-    arguments = argv(world, script, "--exp_name", "step", "--seed", "4294967295", "--num_workers", "1")
-    run_processes(2, script, arguments, "step", tmp_path)
+    arguments = argv(world, "train_dhe", "--exp_name", "step", "--seed", "4294967295", "--num_workers", "1")
+    run_processes(2, "train_dhe", arguments, "step", tmp_path)
     (run,) = (tmp_path / "logs" / "step").iterdir()
-    checkpoint = training.load_training_checkpoint(run / "last_checkpoint.pth", script)
+    checkpoint = training.load_training_checkpoint(run / "last_checkpoint.pth", "train_dhe")
     numpy_keys = [states["numpy"][1] for states in checkpoint["rng"]]
     assert len(numpy_keys) == 2 and not torch.equal(*numpy_keys)  # distinct seeds per process
 
@@ -156,12 +167,19 @@ def _trained_weights(folder: Path, script: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("script", ["train_dhe", "finetune"])
-def test_b_two_process_step_equals_one_process_step(world, tmp_path, script):
+def test_b_two_process_step_equals_one_process_step(world, tmp_path, monkeypatch, script):
     """One step of 2 processes on a global batch equals one step of one process on it, up to fp32 rounding, once
     the random draws (crops, dropout, DLT weights) are the same in every process."""
     arguments = argv(world, script, "--exp_name", "step", "--optim", "sgd", "--lr", "0.1")
     run_processes(2, script, arguments, "step", tmp_path / "two")
-    run_processes(1, script, arguments, "step", tmp_path / "one")
+    (tmp_path / "one").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    monkeypatch.setattr(train_dhe, "dlt_weights", _unit_dlt_weights)
+    monkeypatch.setattr(finetune, "dlt_weights", _unit_dlt_weights)
+    try:  # one process: here
+        training.run(flags.parse_arguments(script, arguments), script, _equalised_task(script))
+    finally:
+        commons.close_logging()
     two, one = _trained_weights(tmp_path / "two", script), _trained_weights(tmp_path / "one", script)
     assert two.keys() == one.keys()
     initial = _initial_weights(tmp_path, script, arguments)
@@ -180,3 +198,63 @@ def _initial_weights(tmp_path: Path, script: str, arguments: list[str]) -> dict[
     if script == "finetune":
         parts["features_extractor"] = features_extractor
     return {f"{part}.{k}": v for part, module in parts.items() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------ C: the REI loss's k as the original (OpenCV 3.4) counted
+def test_c_rei_counts_the_best_minimal_models_inliers_by_default(reference):
+    """k is the inlier count of the best minimal model (OpenCV 3.4.x's mask, the original's), not the recount
+    under the refitted model (OpenCV 4.11+), which stays available as inliers="refined"."""
+    features = reference["local_features_fp16"].float()
+    query, warped, H = features[:1], features[2:3], reference["H_base_to_img1_img2"][1:2]
+    query_points, cand_points, valid = matched_keypoints(query, warped, None, torch.float32)
+    src = query_points.expand_as(cand_points)
+    minimal_H, minimal_inliers, _ = find_homography_ransac(src, cand_points, valid, refine=False)
+    k = int(minimal_inliers.sum())
+    errors = reprojection_distances(minimal_H, src, cand_points)
+    assert int((valid & (errors**2 <= RANSAC_THRESHOLD**2)).sum()) == k  # the minimal model's own inliers
+    _, refined_inliers, _ = find_homography_ransac(src, cand_points, valid, refine=True)
+    assert int(refined_inliers.sum()) != k  # the two countings differ on this pair: the test can tell them apart
+    distances = reprojection_distances(H, query_points, cand_points)[valid].sort().values
+    for kind, count in (("minimal", k), ("refined", int(refined_inliers.sum()))):
+        expected = distances[:count].mean().reshape(1)
+        torch.testing.assert_close(rei_loss(query, warped, H, inliers=kind), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rei_loss(query, warped, H), rei_loss(query, warped, H, inliers="minimal"))
+    with pytest.raises(ValueError, match="inliers 'opencv': expected one of minimal, refined"):
+        rei_loss(query, warped, H, inliers="opencv")
+
+
+def test_c_a_minimal_count_is_never_one_to_three(reference):
+    """The reference's unrelated pair (8 random matches) has k = 1 after the refit in the reference; a best minimal
+    model has 4 inliers or more (or none is found)."""
+    features = reference["local_features_fp16"].float()
+    query_points, cand_points, valid = matched_keypoints(features[:1], features[3:4], None, torch.float32)
+    for seed in range(8):
+        _, inliers, found = find_homography_ransac(
+            query_points.expand_as(cand_points), cand_points, valid, refine=False, seed=seed
+        )
+        assert int(inliers.sum()) >= 4 if bool(found) else int(inliers.sum()) == 0
+
+
+@pytest.mark.parametrize("script", ["train_dhe", "finetune"])
+def test_c_rei_inliers_flag_reaches_the_loss_and_the_checkpoint(world, tmp_path, monkeypatch, script):
+    assert flags.parse_arguments(script, argv(world, script)).rei_inliers == "minimal"
+    module = train_dhe if script == "train_dhe" else finetune
+    asked = []
+
+    def recording_rei_loss(*args, **kwargs):
+        asked.append(kwargs.get("inliers"))
+        return rei_loss(*args, **kwargs)
+
+    monkeypatch.setattr(module, "rei_loss", recording_rei_loss)
+    monkeypatch.chdir(tmp_path)
+    result = module.cli(argv(world, script, "--exp_name", "flag", "--rei_inliers", "refined"))
+    assert asked and set(asked) == {"refined"}
+    checkpoint = training.load_training_checkpoint(result["output_folder"] / "last_checkpoint.pth", script)
+    assert checkpoint["args"]["rei_inliers"] == "refined"
+
+
+@pytest.mark.parametrize("script", ["train_dhe", "finetune"])
+def test_c_bad_rei_inliers_is_one_clear_line(world, script, capsys):
+    with pytest.raises(SystemExit) as error:
+        flags.parse_arguments(script, argv(world, script, "--rei_inliers", "opencv"))
+    assert error.value.code == 2 and "--rei_inliers: invalid choice: 'opencv'" in capsys.readouterr().err
