@@ -176,7 +176,8 @@ def _trained_weights(folder: Path, script: str) -> dict[str, torch.Tensor]:
 def test_b_two_process_step_equals_one_process_step(world, tmp_path, monkeypatch, script):
     """One step of 2 processes on a global batch equals one step of one process on it, up to fp32 rounding, once
     the random draws (crops, dropout, DLT weights) are the same in every process."""
-    arguments = argv(world, script, "--exp_name", "step", "--optim", "sgd", "--lr", "0.1")
+    # 64 x 64: a 4 x 4 grid of keypoints, enough mutual matches for an REI loss (at 32 x 32 most pairs have < 4)
+    arguments = argv(world, script, "--exp_name", "step", "--optim", "sgd", "--lr", "0.1", "--resize", "64", "64")
     run_processes(2, script, arguments, "step", tmp_path / "two")
     (tmp_path / "one").mkdir()
     monkeypatch.chdir(tmp_path / "one")
@@ -189,10 +190,13 @@ def test_b_two_process_step_equals_one_process_step(world, tmp_path, monkeypatch
     two, one = _trained_weights(tmp_path / "two", script), _trained_weights(tmp_path / "one", script)
     assert two.keys() == one.keys()
     initial = _initial_weights(tmp_path, script, arguments)
-    changed = [k for k in one if one[k].is_floating_point() and not torch.equal(one[k], initial[k])]
-    assert changed, "the step changed no weight: nothing was tested"
+    step = max((one[k] - initial[k]).abs().max().item() for k in one if one[k].is_floating_point())
+    assert step > 1e-3, f"the step moved the weights by {step} at most: nothing was tested"
+    # fp32 rounding: the two halves' gradients are summed in another order than the whole batch's
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            two[key], one[key], rtol=1e-4, atol=1e-4 * step, msg=lambda m, key=key: f"{key} (step {step:.3g}): {m}"
+        )
 
 
 def _initial_weights(tmp_path: Path, script: str, arguments: list[str]) -> dict[str, torch.Tensor]:
