@@ -131,7 +131,7 @@ def weights_digest(*modules: nn.Module) -> str:
 def share_weights(*modules: nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers of `modules`, in place, then check it by a digest.
 
-    Each rank builds its models after its own seeding (`--seed + rank`), so randomly initialised parts differ
+    Each rank builds its models after its own seeding (`commons.process_seed`), so randomly initialised parts differ
     between ranks; DistributedDataParallel shares only the module it wraps, at wrapping, and a frozen part (the
     backbone of train_dhe.py) is not wrapped. Nothing to do in a single process.
     """
