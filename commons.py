@@ -25,6 +25,7 @@ __all__ = [
     "raise_if_interrupted",
     "worker_init",
     "make_deterministic",
+    "process_seed",
     "resolve_device",
     "make_run_folder",
     "remove_run_folder",
@@ -45,6 +46,12 @@ def make_deterministic(seed: int = 0) -> None:
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank` under torchrun: `seed + rank` wrapped into numpy's range 0 .. 2**32 - 1, so that a
+    `--seed` near 2**32 - 1 stays valid and the processes (fewer than 2**32) still get distinct seeds."""
+    return (seed + rank) % 2**32
 
 
 def resolve_device(name: str) -> torch.device:

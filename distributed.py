@@ -10,6 +10,7 @@ branches, as dinov2's `distributed` module.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from typing import Any
 
@@ -30,6 +31,8 @@ __all__ = [
     "broadcast_object",
     "gather_objects",
     "all_reduce_sum",
+    "weights_digest",
+    "share_weights",
     "wrap",
     "unwrap",
 ]
@@ -112,6 +115,35 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     total = tensor.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of `modules` (names, dtypes, shapes and values), frozen ones included."""
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in module.state_dict(keep_vars=False).items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def share_weights(*modules: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers of `modules`, in place, then check it by a digest.
+
+    Each rank builds its models after its own seeding (`commons.process_seed`), so randomly initialised parts differ
+    between ranks; DistributedDataParallel shares only the module it wraps, at wrapping, and a frozen part (the
+    backbone of train_dhe.py) is not wrapped. Nothing to do in a single process.
+    """
+    if not is_enabled():
+        return
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+    digests = gather_objects(weights_digest(*modules))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the processes hold different model weights after sharing rank 0's: digests {digests}")
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:

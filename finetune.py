@@ -90,7 +90,7 @@ def joint_losses(
     Args:
         images: (B * (2 + N), 3, H, W), each group's query first, then its positive.
         triplets: (B * N, 3) rows (query, positive, negative) indexing `images`.
-        args: `criterion`, `margin`, `rei_weight`.
+        args: `criterion`, `margin`, `rei_weight`, `rei_inliers`.
     Returns:
         {"loss": triplet + rei_weight * rei, "triplet_loss": metric loss sum / (B * N), "rei_loss": REI sum / B},
         scalars. The models run in the caller's autocast state; correlation, DLT, matching and RANSAC in float32.
@@ -107,7 +107,7 @@ def joint_losses(
     points = head(correlation)
     with torch.autocast(device.type, enabled=False):
         H = points_to_homography(points.float(), dlt_weights(items, device))
-        rei = rei_loss(local_query, local_positive, H).sum() / items
+        rei = rei_loss(local_query, local_positive, H, inliers=args.rei_inliers).sum() / items
     return {"loss": metric + args.rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
 
 
@@ -133,6 +133,7 @@ class Finetuning(training.Task):
         self.local_batch_size = args.train_batch_size // world_size
         from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
         features_extractor, head = commons.build_models(args, device, from_checkpoint)
+        distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
         self.features_extractor = distributed.wrap(features_extractor, device)
         self.head = distributed.wrap(head, device)
         self.modules = {"features_extractor": self.features_extractor, "homography_regression": self.head}

@@ -1,9 +1,9 @@
 """Command-line flags of `eval.py`, `finetune.py` and `train_dhe.py`.
 
 The flags and their defaults are those of the original DHE-VPR scripts; `--device`, `--amp`, `--pretrained_cct`,
-`--qp_mode`, `--save_predictions`, `--resume_train`, `--rei_weight` and `--rerank_val_from_epoch` are new, and
-`--patience` is opt-in (the original never stopped early). Every value is checked after parsing, and a bad one stops
-the script with a message that names the flag and what was expected.
+`--qp_mode`, `--save_predictions`, `--resume_train`, `--rei_weight`, `--rei_inliers` and `--rerank_val_from_epoch` are
+new, and `--patience` is opt-in (the original never stopped early). Every value is checked after parsing, and a bad
+one stops the script with a message that names the flag and what was expected.
 """
 
 from __future__ import annotations
@@ -361,6 +361,15 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     if script == "train_dhe":
         _add_train_dhe_flags(parser)
     if script in ("finetune", "train_dhe"):
+        parser.add_argument_group("REI loss").add_argument(
+            "--rei_inliers",
+            type=str,
+            default="minimal",
+            choices=["minimal", "refined"],
+            help="How the REI loss counts RANSAC's inliers k: those of the best minimal (4-point) model, as the "
+            "original's OpenCV 3.4.13 (minimal, default), or those recounted under the refitted model, as OpenCV "
+            "4.11 and later (refined). See docs/ransac.md.",
+        )
         group = parser.add_argument_group("resuming")
         group.add_argument(
             "--resume_train",

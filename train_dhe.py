@@ -12,7 +12,6 @@ recalls before and after re-ranking. Several processes: `torchrun --nproc_per_no
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,9 +53,16 @@ def dlt_weights(batch_size: int, device: torch.device) -> Tensor:
 
 
 def head_loss(
-    features_extractor: nn.Module, head: nn.Module, query: Tensor, positive: Tensor, device: torch.device
+    features_extractor: nn.Module,
+    head: nn.Module,
+    query: Tensor,
+    positive: Tensor,
+    device: torch.device,
+    rei_inliers: str = "minimal",
 ) -> Tensor:
     """Mean REI loss of a batch of pairs: query and positive images (B, 3, H, W) -> () loss.
+
+    `rei_inliers` ("minimal" or "refined", `--rei_inliers`) is how RANSAC's inliers k are counted (`rei_loss`).
 
     The backbone runs under no_grad (it is frozen here); the head runs in the caller's autocast state; the
     correlation, DLT, matching and RANSAC in float32.
@@ -69,17 +75,7 @@ def head_loss(
     points = head(correlation)
     with torch.autocast(device.type, enabled=False):
         H = points_to_homography(points.float(), dlt_weights(len(points), device))
-        return rei_loss(local_query, local_positive, H).mean()
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of `module`'s state dict (names, dtypes, shapes and bytes), independent of the device."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        return rei_loss(local_query, local_positive, H, inliers=rei_inliers).mean()
 
 
 class DHEInitialisation(training.Task):
@@ -100,10 +96,11 @@ class DHEInitialisation(training.Task):
         self.rank = rank
         from_checkpoint = ("homography_regression",) if resume is not None else ()
         self.features_extractor, head = commons.build_models(args, device, from_checkpoint)
+        distributed.share_weights(self.features_extractor, head)  # the frozen backbone too: it is not in DDP
         self.features_extractor.eval().requires_grad_(False)
         # The frozen backbone is not in last_checkpoint.pth (it never changes): its digest is, so that a resumed run
         # refuses a --resume_fe file whose weights are not those the run trained on.
-        self.features_extractor_digest = weights_digest(self.features_extractor)
+        self.features_extractor_digest = distributed.weights_digest(self.features_extractor)
         if resume is not None and resume["task"].get("features_extractor_digest") not in (
             None,
             self.features_extractor_digest,
@@ -185,7 +182,8 @@ class DHEInitialisation(training.Task):
 
     def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         query, positive = batch
-        return {"loss": head_loss(self.features_extractor, self.head, query, positive, self.device)}
+        loss = head_loss(self.features_extractor, self.head, query, positive, self.device, self.args.rei_inliers)
+        return {"loss": loss}
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         if epoch % SAVE_PERIOD == SAVE_PERIOD - 1 or epoch == self.num_epochs - 1:

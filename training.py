@@ -570,7 +570,7 @@ def run(
     """
     device = distributed.init(args.device)
     try:
-        commons.make_deterministic(args.seed + distributed.get_rank())
+        commons.make_deterministic(commons.process_seed(args.seed, distributed.get_rank()))
         output_folder = commons.make_run_folder(args.exp_name) if distributed.is_main_process() else None
         output_folder = Path(distributed.broadcast_object(str(output_folder) if output_folder else None))
         try:

@@ -59,7 +59,7 @@ def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
         triplets = torch.stack([torch.stack([s, s + 1, s + 2 + n]) for s in starts for n in range(negatives)]).to(
             device
         )
-        flags = argparse.Namespace(criterion="triplet", margin=0.1, rei_weight=100.0)
+        flags = argparse.Namespace(criterion="triplet", margin=0.1, rei_weight=100.0, rei_inliers="minimal")
         features_extractor.train()
         head.train()
         parameters = [p for m in (features_extractor, head) for p in m.parameters() if p.requires_grad]

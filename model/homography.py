@@ -29,6 +29,9 @@ RANSAC_THRESHOLD = 1.5 * PATCH_SIZE
 """The reprojection threshold of the original's RANSAC (``cv2.findHomography``) in the REI loss: 24 px."""
 MIN_MATCHES = 4
 """A pair with fewer mutual matches scores 0 and contributes 0 to the loss, as in the original."""
+REI_INLIER_COUNTS = ("minimal", "refined")
+"""How the REI loss counts RANSAC's inliers k: the best minimal model's (OpenCV 3.4.x, the original's) or those
+recounted under the refitted model (OpenCV 4.11+); see docs/ransac.md."""
 
 _ZERO_DENOMINATOR = 1e-8  # the original replaced a zero homogeneous coordinate by this
 
@@ -207,14 +210,17 @@ def rei_loss(
     ransac_threshold: float = RANSAC_THRESHOLD,
     max_iters: int = 2000,
     confidence: float = 0.995,
+    inliers: str = "minimal",
 ) -> Tensor:
     """Training loss of DHE (re-projection error of inliers, REI) for each pair.
 
     A homography is fitted to the pair's mutual matches (query keypoint -> candidate keypoint) by RANSAC at
     ``ransac_threshold`` pixels (see ``find_homography_ransac``, which follows ``cv2.findHomography(RANSAC)``);
-    k is its number of inliers. The loss of the pair is the mean of the k smallest reprojection distances of the
-    matches under the predicted ``H``. A pair with fewer than ``MIN_MATCHES`` matches, or where RANSAC finds no
-    model or k = 0, contributes 0.
+    k is its number of inliers, counted as ``inliers`` says: ``"minimal"`` (default) those of the best minimal
+    (4-point) model, the mask that OpenCV 3.4.x returns and the original (OpenCV 3.4.13) trained with;
+    ``"refined"`` those recounted under the refitted model, as OpenCV 4.11 and later. The loss of the pair is the
+    mean of the k smallest reprojection distances of the matches under the predicted ``H``. A pair with fewer than
+    ``MIN_MATCHES`` matches, or where RANSAC finds no model or k = 0, contributes 0.
 
     The loss of a pair is a function of that pair's inputs and ``seed`` alone: RANSAC draws every pair's samples
     from the same counter-based stream of ``seed``, as OpenCV re-seeds its RNG at every call, so a pair gets the
@@ -230,19 +236,31 @@ def rei_loss(
         ransac_threshold: RANSAC's inlier threshold in pixels.
         max_iters: RANSAC's maximum number of hypotheses per pair (OpenCV's default, 2000).
         confidence: RANSAC's confidence for stopping early (OpenCV's default, 0.995).
+        inliers: "minimal" or "refined", how k is counted (see above and docs/ransac.md).
 
     Returns:
         (B,) losses in the dtype of ``H`` promoted to at least float32, differentiable with respect to ``H``.
     """
+    if inliers not in REI_INLIER_COUNTS:
+        raise ValueError(f"inliers {inliers!r}: expected one of {', '.join(REI_INLIER_COUNTS)}")
     _check_homographies(H, local_c.shape[0])
     dtype = torch.promote_types(H.dtype, torch.float32)
     query_points, cand_points, valid = matched_keypoints(local_q, local_c, image_hw, dtype)
     distances = reprojection_distances(H, query_points, cand_points)
     src = query_points.expand_as(cand_points)
-    _, inliers, found = find_homography_ransac(
-        src, cand_points, valid, ransac_threshold, max_iters, confidence, seed=seed, generator=generator
+    # Without the refit, the mask is the best minimal model's: OpenCV 3.4's mask (its refit changes H, not the mask).
+    _, inlier_mask, found = find_homography_ransac(
+        src,
+        cand_points,
+        valid,
+        ransac_threshold,
+        max_iters,
+        confidence,
+        seed=seed,
+        generator=generator,
+        refine=inliers == "refined",
     )
-    num_inliers = inliers.sum(dim=1)
+    num_inliers = inlier_mask.sum(dim=1)
     # Mean of the k smallest distances of the valid matches, with k varying across pairs.
     sorted_distances = torch.where(valid, distances, torch.full_like(distances, math.inf)).sort(dim=1).values
     ranks = torch.arange(distances.shape[1], device=distances.device)
@@ -380,14 +398,14 @@ def find_homography_ransac(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """RANSAC homographies for a batch of point sets of different sizes, all pairs at once.
 
-    It follows OpenCV's ``findHomography(src, dst, RANSAC, threshold)`` (4.x): minimal samples of four distinct
-    valid points, rejected when a triple is collinear or the orientations of the triples disagree between the
-    two images (a mirror image is allowed); a model's inliers are the points whose squared forward reprojection
-    error is at most ``threshold ** 2``; a model replaces the best one when it has more inliers (and more than
-    3); the number of hypotheses shrinks with the best inlier ratio to reach ``confidence``, up to
-    ``max_iters``; with ``refine`` the best model is refitted on its inliers (OpenCV's normalised DLT, then 10
-    Levenberg-Marquardt iterations) and its inliers are counted again. A set of exactly four points is fitted
-    directly, all four being inliers.
+    It follows OpenCV's ``findHomography(src, dst, RANSAC, threshold)`` (4.11+; its inliers are those of 3.4.x
+    without ``refine``): minimal samples of four distinct valid points, rejected when a triple is collinear or the
+    orientations of the triples disagree between the two images (a mirror image is allowed); a model's inliers are
+    the points whose squared forward reprojection error is at most ``threshold ** 2``; a model replaces the best one
+    when it has more inliers (and more than 3); the number of hypotheses shrinks with the best inlier ratio to reach
+    ``confidence``, up to ``max_iters``; with ``refine`` the best model is refitted on its inliers (OpenCV's
+    normalised DLT, then 10 Levenberg-Marquardt iterations) and its inliers are counted again. A set of exactly four
+    points is fitted directly, all four being inliers.
 
     Samples are drawn for every unfinished pair at once, in chunks of about ``max_chunk_elements``
     point-hypothesis pairs, solved by kornia's batched 4-point DLT, and scored at once; a pair stops as OpenCV's
@@ -409,7 +427,8 @@ def find_homography_ransac(
         confidence: probability of having drawn an all-inlier sample that stops the search early; 1 disables it.
         seed: seed of the sample stream (any integer; reduced to 64 bits).
         generator: if given, the seed is drawn from it instead (one draw per call).
-        refine: refit the best model on its inliers and recount them (OpenCV 4.x).
+        refine: refit the best model on its inliers and recount them (OpenCV 4.11+). Without it, H is the best
+            minimal model and the inliers are its own: the mask of OpenCV 3.4.x, which refits H but not the mask.
         max_chunk_elements: bound on samples x points scored at once (the default peaks at about 70 MB).
 
     Returns:

@@ -104,7 +104,7 @@ def test_train_dhe_stops_on_a_non_finite_loss(world, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def poisoned(local_q, local_c, H):  # the third step (epoch 1) gets NaN
+    def poisoned(local_q, local_c, H, **options):  # the third step (epoch 1) gets NaN
         calls.append(1)
         value = torch.nan if len(calls) == 3 else 1.0
         return (H[:, 0, 0] * 0 + value).float()
