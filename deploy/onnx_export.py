@@ -234,7 +234,7 @@ def check_exported(
 ) -> dict[str, float]:
     """Run both exported graphs with onnxruntime (CPU) and the torch models on `batch_size` seeded random images
     (and their pairs); returns the `relative_difference` of each output: global_descriptors, local_features,
-    points."""
+    points. The models end on the CPU in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, *features_extractor.resize, generator=generator)
     features_extractor, homography_regression = features_extractor.cpu().eval(), homography_regression.cpu().eval()

@@ -23,7 +23,7 @@ import eval as eval_script  # noqa: E402
 import export_onnx  # noqa: E402
 import synthetic  # noqa: E402
 from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402
-from deploy import onnx_export  # noqa: E402
+from deploy import onnx_export, rerank_numpy  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.checkpoints import load_features_extractor, load_homography_regression, save_state_dict  # noqa: E402
 from model.homography import score_pairs  # noqa: E402
@@ -161,6 +161,8 @@ def test_onnx_reranking_equals_eval(world, sessions, tmp_path, monkeypatch):
         order, scores = onnx_export.rerank_from_points(points, local_q, local_c)
         assert [candidates[i] for i in order] == query["reranked"][:num_reranked]
         assert scores[order].tolist() == query["scores"]
+        numpy_order, numpy_scores = rerank_numpy.rerank_from_points(points, local_q, local_c)
+        assert np.array_equal(numpy_order, order) and np.array_equal(numpy_scores, scores)
         reordered += query["reranked"] != query["global"]
     # The check means something only where re-ranking changes orders, with scores that tie and that differ.
     all_scores = np.concatenate([query["scores"] for query in queries])
@@ -184,6 +186,25 @@ def test_rerank_from_points_scores_as_score_pairs_and_orders_ties_as_eval(models
     identity = torch.cat([corners, corners]).expand(6, 8, 2)
     order, scores = onnx_export.rerank_from_points(identity, local_q, local_q.expand_as(local_c))
     assert order.tolist() == list(range(6)) and (scores == (SIZE // 16) ** 2).all()
+
+
+def test_numpy_homographies_and_counts_equal_torch():
+    from model.homography import inlier_scores, points_to_homography
+
+    generator = torch.Generator().manual_seed(1)
+    corners = torch.tensor([[8, 8], [SIZE - 8, 8], [8, SIZE - 8], [SIZE - 8, SIZE - 8]], dtype=torch.float32)
+    points = torch.cat([corners, corners]).repeat(5, 1, 1) + 12 * torch.randn(5, 8, 2, generator=generator)
+    H = points_to_homography(points)
+    H_numpy = rerank_numpy.homographies_from_points(points.numpy())
+    assert np.allclose(H_numpy, H.double().numpy(), rtol=1e-4, atol=1e-4)
+    local_c = torch.nn.functional.normalize(torch.rand(5, 16, 6, 5, generator=generator), dim=1)
+    local_q = torch.nn.functional.normalize(local_c[:1] + 0.3 * torch.rand(1, 16, 6, 5, generator=generator), dim=1)
+    expected = inlier_scores(local_q, local_c, H)
+    assert len(set(expected.tolist())) > 1  # counts that differ, so that a wrong one shows
+    assert np.array_equal(rerank_numpy.inlier_counts(local_q.numpy(), local_c.numpy(), H_numpy), expected.numpy())
+    # a degenerate configuration (every query point on one line) gives NaN, which maps nothing
+    points[0, :4, 1] = 8
+    assert np.isnan(rerank_numpy.homographies_from_points(points.numpy())[0]).all()
 
 
 def test_export_leaves_the_models_training_flags_and_head_kernels(models, tmp_path):
