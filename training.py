@@ -149,6 +149,8 @@ RESUME_CHANGEABLE = {  # left out: the run's value; given: the new value is appl
     "num_workers": "WARNING: each data-loader worker draws its own random crops, so the batches differ from those "
     "of an uninterrupted run",
 }
+# Flags added since a checkpoint may have been written, with the value such a run used (its checkpoint lacks them)
+RESUME_LEGACY = {"rei_inliers": "refined"}  # the REI loss recounted inliers (OpenCV 4.11+) before the flag existed
 RESUME_FREE = {  # where and how this process runs, not what it trains: this run's value, never compared
     "resume_train",
     "exp_name",
@@ -198,6 +200,7 @@ def resume_arguments(
         TrainingError: naming each given flag that contradicts the checkpoint, with both values.
     """
     resolved = argparse.Namespace(**vars(args))
+    checkpoint_args = {**{k: v for k, v in RESUME_LEGACY.items() if k in vars(args)}, **checkpoint_args}
     taken, changed, refused = [], [], []
     for name, value in sorted(vars(args).items()):
         if name in RESUME_FREE or name not in checkpoint_args:
