@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from commons import check_exp_name
 from model.dhe import COMPILE_MODES, PATCH_SIZE
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
@@ -462,6 +463,12 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     local_features_dir = getattr(args, "local_features_dir", None)
     if local_features_dir is not None and not os.path.isdir(local_features_dir):
         parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
+    if local_features_dir is not None and not os.access(local_features_dir, os.W_OK | os.X_OK):
+        parser.error(f"--local_features_dir {local_features_dir}: not writable (the local features go there)")
+    try:
+        check_exp_name(args.exp_name)
+    except ValueError as error:
+        parser.error(str(error))
     if hasattr(args, "queries_per_epoch") and args.queries_per_epoch % args.cache_refresh_rate != 0:
         parser.error(
             f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "

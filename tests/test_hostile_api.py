@@ -161,3 +161,85 @@ def test_training_checkpoint_where_weights_are_expected(training_checkpoint, nam
     module = FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
     with pytest.raises(CheckpointMismatchError, match="training checkpoint"):
         load_features_extractor(module, training_checkpoint)
+
+
+# --- Kind 8: outputs where they belong ---
+
+BAD_EXP_NAMES = ["../escape", "/tmp/absolute", "a/b", "", ".", "..", "a\nb", "a\x00b", "x" * 201]
+
+
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [("eval", "--exp_name"), ("finetune", "--exp_name"), ("finetune", "--save_dir"), ("train_dhe", "--exp_name")],
+)
+@pytest.mark.parametrize("name", BAD_EXP_NAMES)
+def test_exp_name_cannot_leave_logs(script, flag, name, tmp_path, capsys):
+    import parser as flags
+
+    with pytest.raises(SystemExit):
+        flags.parse_arguments(script, ["--datasets_folder", str(tmp_path), flag, name])
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith(f"{script}.py: error: --exp_name {name!r}")
+
+
+@pytest.mark.parametrize("name", BAD_EXP_NAMES)
+def test_make_run_folder_refuses_paths(name, tmp_path):
+    import commons
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    with pytest.raises(ValueError, match="give one folder name"):
+        commons.make_run_folder(name, root)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["logs"]
+
+
+def test_make_run_folder_keeps_plain_names(tmp_path):
+    import commons
+
+    for name in ("default", "run with spaces", "été-2026", "..dots.."):
+        folder = commons.make_run_folder(name, tmp_path)
+        assert folder.parent == tmp_path / name and folder.is_dir()
+
+
+@pytest.mark.parametrize("blocked", ["logs", "logs/default"])
+@pytest.mark.parametrize("script", ["train_dhe", "finetune"])
+def test_training_run_folder_blocked_by_a_file(script, blocked, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / blocked).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocked).write_text("not a folder")
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.cli(["--datasets_folder", str(tmp_path), "--device", "cpu", "--num_workers", "0"])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{script}.py: error: cannot create the run folder logs/default/")
+    assert line.endswith(f"{blocked} is a file, not a folder")
+    assert (tmp_path / blocked).read_text() == "not a folder"
+
+
+def test_eval_run_folder_blocked_by_a_file_one_line(tmp_path):
+    (tmp_path / "logs").write_text("not a folder")
+    argv = ["--datasets_folder", str(tmp_path), "--device", "cpu", "--num_workers", "0"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("eval.py: error: cannot create the run folder logs/default/")
+    assert line.endswith("logs is a file, not a folder")
+
+
+def test_local_features_dir_not_writable(tmp_path, monkeypatch, capsys):
+    import os
+
+    import parser as flags
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with pytest.raises(SystemExit):
+        flags.parse_arguments("eval", ["--datasets_folder", str(tmp_path), "--local_features_dir", str(folder)])
+    assert f"--local_features_dir {folder}: not writable" in capsys.readouterr().err
