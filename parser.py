@@ -385,9 +385,10 @@ _FLOAT_RANGES = (
     ("margin", 0.0, math.inf, True, False),
     ("qp_threshold", 0.0, math.inf, False, False),
     ("majority_weight", 0.0, math.inf, True, False),
-    ("brightness", 0.0, math.inf, True, False),
-    ("contrast", 0.0, math.inf, True, False),
-    ("saturation", 0.0, math.inf, True, False),
+    # ColorJitter draws its factor in float32: 1 + value must stay below float32's largest number (3.4e38)
+    ("brightness", 0.0, 1e38, True, True),
+    ("contrast", 0.0, 1e38, True, True),
+    ("saturation", 0.0, 1e38, True, True),
     ("hue", 0.0, 0.5, True, True),
     ("rand_perspective", 0.0, 1.0, True, True),
     ("random_resized_crop", 0.0, 1.0, True, False),

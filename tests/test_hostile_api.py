@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import save_identity_head
@@ -243,3 +244,84 @@ def test_local_features_dir_not_writable(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         flags.parse_arguments("eval", ["--datasets_folder", str(tmp_path), "--local_features_dir", str(folder)])
     assert f"--local_features_dir {folder}: not writable" in capsys.readouterr().err
+
+
+# --- Kind 9 (augmentations): odd but valid images and values ---
+
+AUGMENTATION_LIMITS = [
+    {"brightness": 1e38},
+    {"contrast": 1e38},
+    {"saturation": 1e38},
+    {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0},
+    {"hue": 0.5},
+    {"rand_perspective": 0.0},
+    {"rand_perspective": 0.5},
+    {"rand_perspective": 1.0},
+    {"random_resized_crop": 0.0},
+    {"random_resized_crop": 0.999999},
+    {"random_rotation": 180.0},
+]
+ODD_SIZES = [(1, 1), (1, 300), (300, 1), (2, 500), (500, 2), (3, 3), (17, 9)]  # (width, height), all below --resize
+
+
+def augmentation_args(**flags) -> object:
+    import argparse
+
+    names = (
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+        "rand_perspective",
+        "random_resized_crop",
+        "random_rotation",
+    )
+    return argparse.Namespace(**{**dict.fromkeys(names), **flags})
+
+
+@pytest.mark.parametrize("flags", AUGMENTATION_LIMITS, ids=lambda flags: ",".join(f"{k}={v}" for k, v in flags.items()))
+def test_query_augmentation_at_its_limits_on_odd_images(flags):
+    """Every augmentation flag at the ends of what the parser accepts, on images 1 pixel wide or high, thin, tiny:
+    a finite (3, H, W) query, draw after draw."""
+    from PIL import Image
+
+    import datasets_ws
+
+    augmentation = datasets_ws._query_augmentation(augmentation_args(**flags), (SIZE, SIZE))
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    for width, height in ODD_SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for _ in range(20):
+            query = augmentation(image)
+            assert query.shape == (3, SIZE, SIZE) and query.isfinite().all(), (width, height)
+
+
+def test_random_perspective_draws_as_torchvision_on_ordinary_images():
+    """The perspective that copes with thin images gives torchvision's result, draw for draw, where torchvision's
+    works (the same random numbers, the same transform)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    import datasets_ws
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        ours = np.asarray(datasets_ws._RandomPerspective(distortion_scale=0.5)(image))
+        torch.manual_seed(seed)
+        theirs = np.asarray(T.RandomPerspective(distortion_scale=0.5)(image))
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("flag", ["--brightness", "--contrast", "--saturation"])
+def test_colour_jitter_beyond_float32_refused(flag, tmp_path, capsys):
+    """ColorJitter draws its factor in float32: a larger value crashed the first training batch; the parser
+    refuses it now, and its largest accepted value works."""
+    import parser as flags
+
+    with pytest.raises(SystemExit):
+        flags.parse_arguments("finetune", ["--datasets_folder", str(tmp_path), flag, "1e39"])
+    assert f"{flag} 1e+39: must be in [0, 1e+38]" in capsys.readouterr().err
+    args = flags.parse_arguments("finetune", ["--datasets_folder", str(tmp_path), flag, "1e38"])
+    assert getattr(args, flag[2:]) == 1e38
