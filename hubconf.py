@@ -57,8 +57,20 @@ class DHEVPR(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """ImageNet-normalised images (B, 3, H, W), (H, W) = `resize` -> (global descriptors (B, 384), L2-normalised
         local features (B, 384, H/16, W/16))."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"expected images as a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        if tuple(images.shape[2:]) != self.resize:
+            raise ValueError(
+                f"expected images of the model's resize {self.resize}, got {tuple(images.shape[2:])}: prepare them "
+                "with model.preprocess(path), or load the model with resize=(H, W)"
+            )
+        weights_dtype = next(self.features_extractor.parameters()).dtype
+        if images.dtype != weights_dtype:
+            raise TypeError(
+                f"expected ImageNet-normalised {weights_dtype} images (as model.preprocess gives), got {images.dtype}"
+            )
         return self.features_extractor(images)
 
     def rerank(
@@ -79,8 +91,20 @@ class DHEVPR(nn.Module):
             scores: (K,) or (Q, K) float32 inlier counts of the candidates, in their given order.
 
         Raises:
-            ValueError: features of the wrong shape, or not finite (NaN or infinite).
+            TypeError: features that are not floating-point tensors.
+            ValueError: features of the wrong shape or grid, or not finite (NaN or infinite); a bad `batch_size`.
         """
+        for name, features in (("local_q", local_q), ("local_candidates", local_candidates)):
+            if not isinstance(features, Tensor) or not features.is_floating_point():
+                what = features.dtype if isinstance(features, Tensor) else type(features).__name__
+                raise TypeError(f"{name} must be a floating-point torch.Tensor from model(images), got {what}")
+        grid = self.homography_regression.grid_size
+        if local_q.dim() in (3, 4) and tuple(local_q.shape[-2:]) != tuple(grid):
+            raise ValueError(
+                f"local_q has a {tuple(local_q.shape[-2:])} feature grid, but the model was built for resize "
+                f"{self.resize}, a {tuple(grid)} grid: extract the features with this model, from images of that size"
+            )
+        _check_int("batch_size", batch_size, 1, 2**31 - 1)
         scores = rerank_scores(self.homography_regression, local_q, local_candidates, batch_size, amp)
         num_candidates = scores.shape[-1]
         rows = scores.double().cpu().numpy().reshape(scores.numel() // max(num_candidates, 1), num_candidates)

@@ -125,6 +125,34 @@ def test_hub_rerank_refuses_non_finite_features(model, local_features, which, va
         model.rerank(query, candidates)
 
 
+@pytest.mark.parametrize(
+    ("images", "error", "message"),
+    [
+        (torch.zeros(1, 3, 2 * SIZE, SIZE), ValueError, r"model's resize \(64, 64\), got \(128, 64\).*preprocess"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), TypeError, "ImageNet-normalised torch.float32 images"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float64), TypeError, "got torch.float64"),
+        (np.zeros((1, 3, SIZE, SIZE), dtype=np.float32), TypeError, "torch.Tensor"),
+    ],
+    ids=["size", "uint8", "float64", "numpy"],
+)
+def test_hub_forward_names_what_is_wrong_with_the_images(model, images, error, message):
+    with pytest.raises(error, match=message):
+        model(images)
+
+
+def test_hub_rerank_names_what_is_wrong_with_the_features(model, local_features):
+    with pytest.raises(TypeError, match="local_q must be a floating-point torch.Tensor"):
+        model.rerank(local_features[0].long(), local_features[1:])
+    with pytest.raises(TypeError, match="local_candidates must be a floating-point torch.Tensor.*ndarray"):
+        model.rerank(local_features[0], local_features[1:].numpy())
+    other_grid = torch.nn.functional.normalize(torch.rand(3, 384, 2 * GRID, GRID), dim=1)
+    with pytest.raises(ValueError, match=r"\(8, 4\) feature grid, but the model was built for resize \(64, 64\)"):
+        model.rerank(other_grid[0], other_grid[1:])
+    for batch_size in (True, 2.5, 0):
+        with pytest.raises(ValueError, match="batch_size must be an integer"):
+            model.rerank(local_features[0], local_features[1:], batch_size=batch_size)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_hub_cuda_map_location_without_cuda(checkpoints):
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
