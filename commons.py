@@ -90,7 +90,8 @@ def _run_folder_error(folder: Path, error: OSError) -> OSError:
         if part.exists() and not part.is_dir():
             return type(error)(f"cannot create the run folder {folder}: {part} is a file, not a folder")
     reason = error.strerror or str(error)
-    return type(error)(f"cannot create the run folder {folder}: {reason}; check that {folder.parent} is writable")
+    blocked = Path(error.filename).parent if error.filename else folder.parent
+    return type(error)(f"cannot create the run folder {folder}: {reason}; check that {blocked} is writable")
 
 
 def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:

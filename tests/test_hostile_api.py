@@ -248,6 +248,31 @@ def test_training_run_folder_blocked_by_a_file(script, blocked, tmp_path, monkey
     assert (tmp_path / blocked).read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("existing", [[], ["logs"]])
+def test_run_folder_not_writable_names_the_folder(existing, tmp_path, monkeypatch):
+    """A read-only logs/ (simulated: the tests may run as root, who can write anywhere) names the folder that
+    refused, in one line."""
+    import errno
+
+    import commons
+
+    for name in existing:
+        (tmp_path / name).mkdir()
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if self.parent.name in ("", "logs", tmp_path.name) and self.parent.exists():
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    with pytest.raises(PermissionError) as error:
+        commons.make_run_folder("default", tmp_path / "logs")
+    blocked = tmp_path / "logs" if existing else tmp_path
+    assert str(error.value).startswith(f"cannot create the run folder {tmp_path / 'logs' / 'default'}/")
+    assert str(error.value).endswith(f"Permission denied; check that {blocked} is writable")
+
+
 def test_eval_run_folder_blocked_by_a_file_one_line(tmp_path):
     (tmp_path / "logs").write_text("not a folder")
     argv = ["--datasets_folder", str(tmp_path), "--device", "cpu", "--num_workers", "0"]
