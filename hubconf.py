@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +26,32 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+_REPOSITORY = Path(__file__).resolve().parent
+_OWN_MODULES = ("model", "datasets_ws", "util", "commons", "interrupts")
+
+
+def _check_own_modules_are_free() -> None:
+    """This repository's modules have common names: another project's module of one of those names, imported
+    before `torch.hub.load`, would stand in for ours (Python imports a name once)."""
+    for name in _OWN_MODULES:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if module is not None and (origin is None or _REPOSITORY not in Path(origin).resolve().parents):
+            raise ImportError(
+                f"a module named {name!r} is already imported ({origin or 'not from a file'}), and DHE-VPR's own "
+                f"{name!r} cannot be imported beside it (its modules are {', '.join(_OWN_MODULES)}): load DHE-VPR in "
+                "a separate process, or before that module is imported"
+            )
+
+
+_check_own_modules_are_free()
+
 # Imported here, while torch.hub has this repository on sys.path: it is gone from it once `torch.hub.load` returns.
-from datasets_ws import _normalized_tensor, open_rgb_image
-from model import FeaturesExtractor, HomographyRegression
-from model.checkpoints import load_features_extractor, load_homography_regression
-from model.dhe import PATCH_SIZE
-from model.homography import rerank_order, rerank_scores
+from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402 - after the check above
+from model import FeaturesExtractor, HomographyRegression  # noqa: E402 - after the check above
+from model.checkpoints import load_features_extractor, load_homography_regression  # noqa: E402 - after the check above
+from model.dhe import PATCH_SIZE  # noqa: E402 - after the check above
+from model.homography import rerank_order, rerank_scores  # noqa: E402 - after the check above
 
 dependencies = ["torch", "torchvision", "timm", "kornia", "numpy", "PIL", "sklearn", "faiss"]
 

@@ -85,6 +85,20 @@ def test_hub_api_from_another_project(checkpoints, tmp_path):
     assert f"OK (2, 3, {SIZE}, {SIZE}) (2, 384)" in result.stdout
 
 
+def test_hub_api_beside_a_module_of_the_same_name(checkpoints, tmp_path):
+    """Another project with its own `util` module, imported before torch.hub.load: a message that says so, not an
+    ImportError about a name missing from that module (or, worse, its code running in place of ours)."""
+    (tmp_path / "util.py").write_text("def helper():\n    return 1\n")
+    script = f"import torch, util\ntorch.hub.load({str(REPO)!r}, 'dhe_vpr', source='local')\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"a module named 'util' is already imported ({tmp_path / 'util.py'})" in last_line
+    assert "load DHE-VPR in a separate process" in last_line
+
+
 def test_hub_rerank_one_candidate(model, local_features):
     order, scores = model.rerank(local_features[0], local_features[1:2])
     assert order.tolist() == [0] and scores.shape == (1,)
