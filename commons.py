@@ -27,6 +27,7 @@ __all__ = [
     "make_deterministic",
     "process_seed",
     "resolve_device",
+    "check_exp_name",
     "make_run_folder",
     "remove_run_folder",
     "end_failed_run",
@@ -65,13 +66,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_MAX_EXP_NAME_BYTES = 200  # room for the date-time and the local-features file name within a 255-byte file name
+
+
+def check_exp_name(exp_name: str) -> str:
+    """`exp_name` if it is one plain folder name, so that the run folder stays inside `logs/`; else ValueError.
+
+    Refused: empty, `.`, `..`, a path (a separator, or absolute), control characters (NUL, newline, ...), and names
+    over 200 bytes.
+    """
+    if exp_name in ("", ".", ".."):
+        problem = "is not a folder name"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in exp_name):
+        problem = "holds control characters (NUL, newline, tab, ...)"
+    elif "/" in exp_name or os.sep in exp_name or (os.altsep and os.altsep in exp_name):
+        problem = "is a path, not a folder name"
+    elif len(os.fsencode(exp_name)) > _MAX_EXP_NAME_BYTES:
+        problem = f"is longer than {_MAX_EXP_NAME_BYTES} bytes"
+    else:
+        return exp_name
+    raise ValueError(
+        f"--exp_name {exp_name!r} {problem}: give one folder name (no '/', not empty, '.' or '..'); the run goes to "
+        "logs/<exp_name>/<date_time>/"
+    )
+
+
+def _run_folder_error(folder: Path, error: OSError) -> OSError:
+    """`error` (creating `folder`) with a message that names the part of the path in the way."""
+    for part in reversed([folder, *folder.parents]):
+        if part.exists() and not part.is_dir():
+            return type(error)(f"cannot create the run folder {folder}: {part} is a file, not a folder")
+    reason = error.strerror or str(error)
+    blocked = Path(error.filename).parent if error.filename else folder.parent
+    return type(error)(f"cannot create the run folder {folder}: {reason}; check that {blocked} is writable")
+
+
 def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
     """Create and return a new `<root>/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/`.
 
     Runs started in the same second get `<YYYY-MM-DD_HH-MM-SS>_1`, `_2`, ...: each name is taken by an atomic
     `mkdir`, so concurrent runs (several processes, or several machines on a shared disk) never share a folder.
+
+    Raises:
+        ValueError: `exp_name` is not one plain folder name (see `check_exp_name`).
+        OSError: the folder cannot be created (a part of its path is a file, no permission, ...), saying why.
     """
-    parent = Path(root) / exp_name
+    parent = Path(root) / check_exp_name(exp_name)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     attempt = 0
     for _ in range(20_000):  # bounded, even if the parent kept vanishing
@@ -84,8 +124,13 @@ def make_run_folder(exp_name: str, root: str | Path = "logs") -> Path:
             attempt += 1
             continue
         except FileNotFoundError:  # no parent yet, or a failed run just removed the empty one: (re)create it
-            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise _run_folder_error(folder, error) from None
             continue
+        except OSError as error:
+            raise _run_folder_error(folder, error) from None
         return folder
     raise FileExistsError(f"cannot create a new run folder in {parent}: {stamp} and its numbered variants are taken")
 

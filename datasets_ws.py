@@ -666,6 +666,37 @@ class TripletsDataset(BaseDataset):
         return len(self.triplets_global_indexes)
 
 
+class _RandomPerspective(T.RandomPerspective):
+    """`T.RandomPerspective` (PIL images) that works on images of any size and at any distortion.
+
+    torchvision's solver fails when three of the four corners are collinear: always for an image one pixel wide or
+    high (left as it is: no other map exists), and for some draws on thin images or at a large distortion (redrawn:
+    such corners define no perspective transform).
+    """
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        if torch.rand(1) >= self.p:
+            return image
+        width, height = TF.get_image_size(image)
+        if min(width, height) < 2:
+            return image
+        for _ in range(1000):
+            start, end = self.get_params(width, height, self.distortion_scale)
+            if _no_three_collinear(end):
+                return TF.perspective(image, start, end, self.interpolation, self.fill)
+        raise RuntimeError(
+            f"--rand_perspective {self.distortion_scale}: no valid distortion of a {width}x{height} image"
+        )
+
+
+def _no_three_collinear(points: list[list[int]]) -> bool:
+    for a, b, c in ((0, 1, 2), (0, 1, 3), (0, 2, 3), (1, 2, 3)):
+        (xa, ya), (xb, yb), (xc, yc) = points[a], points[b], points[c]
+        if (xb - xa) * (yc - ya) - (yb - ya) * (xc - xa) == 0:
+            return False
+    return True
+
+
 def _query_augmentation(args: argparse.Namespace, resize: tuple[int, int]) -> T.Compose:
     """PIL image -> (3, H, W) tensor: the training-query augmentations of the flags, then resize and normalise."""
     steps: list[nn.Module] = []
@@ -674,7 +705,7 @@ def _query_augmentation(args: argparse.Namespace, resize: tuple[int, int]) -> T.
         if value is not None:
             steps.append(T.ColorJitter(**{name: value}))
     if getattr(args, "rand_perspective", None) is not None:
-        steps.append(T.RandomPerspective(distortion_scale=args.rand_perspective))
+        steps.append(_RandomPerspective(distortion_scale=args.rand_perspective))
     crop_scale = getattr(args, "random_resized_crop", None)
     if crop_scale is not None:
         if not 0 <= crop_scale < 1:

@@ -253,3 +253,6 @@ if __name__ == "__main__":
         cli()
     except commons.Interrupted as interrupted:
         sys.exit(128 + interrupted.signum)  # the shell's convention for a process ended by a signal
+    except (OSError, ValueError) as error:  # bad input, or an output folder that cannot be written: one line
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from commons import check_exp_name
 from model.dhe import COMPILE_MODES, PATCH_SIZE
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
@@ -393,9 +394,10 @@ _FLOAT_RANGES = (
     ("margin", 0.0, math.inf, True, False),
     ("qp_threshold", 0.0, math.inf, False, False),
     ("majority_weight", 0.0, math.inf, True, False),
-    ("brightness", 0.0, math.inf, True, False),
-    ("contrast", 0.0, math.inf, True, False),
-    ("saturation", 0.0, math.inf, True, False),
+    # ColorJitter draws its factor in float32: 1 + value must stay below float32's largest number (3.4e38)
+    ("brightness", 0.0, 1e38, True, True),
+    ("contrast", 0.0, 1e38, True, True),
+    ("saturation", 0.0, 1e38, True, True),
     ("hue", 0.0, 0.5, True, True),
     ("rand_perspective", 0.0, 1.0, True, True),
     ("random_resized_crop", 0.0, 1.0, True, False),
@@ -471,6 +473,12 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     local_features_dir = getattr(args, "local_features_dir", None)
     if local_features_dir is not None and not os.path.isdir(local_features_dir):
         parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
+    if local_features_dir is not None and not os.access(local_features_dir, os.W_OK | os.X_OK):
+        parser.error(f"--local_features_dir {local_features_dir}: not writable (the local features go there)")
+    try:
+        check_exp_name(args.exp_name)
+    except ValueError as error:
+        parser.error(str(error))
     if hasattr(args, "queries_per_epoch") and args.queries_per_epoch % args.cache_refresh_rate != 0:
         parser.error(
             f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from interrupts import raise_if_interrupted, worker_init
 from model.checkpoints import replaced_atomically
+from model.homography import rerank_order as _rerank_order
 
 __all__ = [
     "LocalFeatureStore",
@@ -486,23 +487,6 @@ def rerank_predictions(
         )
     reranked[:, :num_reranked] = np.take_along_axis(candidates, order, axis=1)
     return reranked, np.take_along_axis(scores, order, axis=1)
-
-
-def _rerank_order(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order (G, K) of the candidates by descending score (G, K), ties as the original's `argsort()[::-1]`, and
-    which rows tie everywhere (G,) bool: those keep the global order (0 .. K-1) rather than a reversed one.
-
-    Raises ValueError on a non-finite score, which no order could rank meaningfully.
-    """
-    if not np.isfinite(scores).all():
-        raise ValueError(
-            "the DHE re-ranking scores are not finite (NaN or infinite): check the --resume_hr weights, and try "
-            "without --amp"
-        )
-    order = np.ascontiguousarray(scores.argsort(axis=1)[:, ::-1])
-    tied = (scores == scores[:, :1]).all(axis=1)
-    order[tied] = np.arange(scores.shape[1])
-    return order, tied
 
 
 def save_predictions(

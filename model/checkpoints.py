@@ -129,6 +129,11 @@ def _unreadable_reason(error: BaseException) -> str:
             f"it holds Python objects other than tensors, numbers and numpy arrays ({unsupported.group(1)}), which "
             "are not loaded, for safety; save its state dict alone (torch.save(model.state_dict(), path))"
         )
+    if "CUDA device but torch.cuda.is_available() is False" in message:
+        return (
+            "its tensors are to be loaded on a CUDA device, but torch sees no CUDA device: load it on the CPU "
+            "(map_location='cpu', or --device cpu)"
+        )
     first_line = next((line.strip() for line in message.splitlines() if line.strip()), type(error).__name__)
     if "weights_only" in first_line or "Weights only" in first_line:
         first_line = "torch's safe loader refused it"
@@ -255,8 +260,21 @@ def _looks_like_dhe_head(state_dict: Mapping[str, Tensor]) -> bool:
     return "pe" in state_dict and "linear.weight" in state_dict
 
 
+def _refuse_training_checkpoint(checkpoint: Mapping, source: str) -> None:
+    """A `last_checkpoint.pth` (what training resumes from) is not a state dict: say where the weights are."""
+    if "modules" in checkpoint and "optimizer" in checkpoint:
+        raise CheckpointMismatchError(
+            f"{source} is a training checkpoint (last_checkpoint.pth, for --resume_train), not a state dict of "
+            "weights: pass the *.torch files saved beside it in the run folder (best_features_extractor.torch, "
+            "best_homography_regression.torch, or the per-epoch features_extractor_NNN.torch / "
+            "homography_regression_NNN.torch), or extract one with "
+            "torch.save(torch.load(path)['modules']['features_extractor' or 'homography_regression'], 'out.torch')"
+        )
+
+
 def features_extractor_state_dict(checkpoint: Mapping, source: str = "checkpoint") -> dict[str, Tensor]:
     """Map format (a) or (b), with or without `module.`, to the FeaturesExtractor's keys (`encoder.*`, `pool.*`)."""
+    _refuse_training_checkpoint(checkpoint, source)
     if "model_state_dict" in checkpoint:
         state_dict = _strip_module_prefix(checkpoint["model_state_dict"])
         renamed = {}
@@ -277,6 +295,7 @@ def features_extractor_state_dict(checkpoint: Mapping, source: str = "checkpoint
 
 def homography_regression_state_dict(checkpoint: Mapping, source: str = "checkpoint") -> dict[str, Tensor]:
     """Map format (c), with or without `module.`, to the HomographyRegression's keys."""
+    _refuse_training_checkpoint(checkpoint, source)
     if "model_state_dict" in checkpoint:
         raise CheckpointMismatchError(
             f"{source} is a benchmark backbone checkpoint (model_state_dict); pass it as --resume_fe, and give "

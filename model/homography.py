@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 from kornia.geometry.homography import find_homography_dlt
 from torch import Tensor, nn
@@ -311,8 +312,17 @@ def rerank_scores(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for name, features in (("local_q", local_q), ("local_candidates", local_candidates)):
+        if features.is_floating_point() and not features.isfinite().all():
+            raise ValueError(
+                f"{name} holds non-finite values (NaN or infinite): no homography can be scored on them; check the "
+                "images and the features extractor's weights"
+            )
     num_queries, num_candidates = local_candidates.shape[:2]
     device = local_candidates.device
+    if num_queries * num_candidates == 0:  # no candidate (or no query): nothing to score
+        empty = torch.zeros(num_queries, num_candidates, dtype=torch.float32, device=device)
+        return empty[0] if single_query else empty
     candidates = local_candidates.reshape(num_queries * num_candidates, *local_candidates.shape[2:])
     query_of_pair = torch.arange(num_queries, device=device).repeat_interleave(num_candidates)
     scores = []
@@ -324,6 +334,23 @@ def rerank_scores(
             )
     scores = torch.cat(scores).view(num_queries, num_candidates)
     return scores[0] if single_query else scores
+
+
+def rerank_order(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order (G, K) of the candidates by descending score (G, K), ties as the original's `argsort()[::-1]`, and
+    which rows tie everywhere (G,) bool: those keep the global order (0 .. K-1) rather than a reversed one.
+
+    Raises ValueError on a non-finite score, which no order could rank meaningfully.
+    """
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            "the DHE re-ranking scores are not finite (NaN or infinite): check the --resume_hr weights, and try "
+            "without --amp"
+        )
+    order = np.ascontiguousarray(scores.argsort(axis=1)[:, ::-1])
+    tied = (scores == scores[:, :1]).all(axis=1)
+    order[tied] = np.arange(scores.shape[1])
+    return order, tied
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
