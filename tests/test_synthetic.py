@@ -232,9 +232,13 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     (world / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
         synthetic.generate_world(tmp_path, "world", **MICRO)
+    with pytest.raises(FileExistsError, match="no .dataset_tool.json"):
+        synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO)  # not a world synthetic.py wrote
     assert (world / "notes.txt").read_text() == "keep me"
+    (world / "notes.txt").unlink()
+    synthetic.generate_world(tmp_path, "world", seed=1, **MICRO)
     assert synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO) == world
-    assert not (world / "notes.txt").exists() and len(list(world.rglob("*.jpg"))) == 9
+    assert len(list(world.rglob("*.jpg"))) == 9
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world"]  # no temporary folder left
 
 
