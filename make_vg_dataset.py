@@ -160,26 +160,31 @@ def read_photo_table(csv_path: str | Path, photos_dir: str | Path) -> list[Photo
 
 def _read_rows(csv_path: Path, photos_dir: Path) -> list[Photo]:
     with open(csv_path, newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
+        reader = csv.reader(file)
         try:
             return _read_photos(reader, csv_path, photos_dir)
         except csv.Error as error:
             raise ValueError(f"{csv_path}, line {reader.line_num}: not valid CSV ({error})") from None
 
 
-def _read_photos(reader: csv.DictReader, csv_path: Path, photos_dir: Path) -> list[Photo]:
-    if reader.fieldnames is None:
+def _read_photos(reader, csv_path: Path, photos_dir: Path) -> list[Photo]:
+    header = next(reader, None)
+    while header is not None and not any(name.strip() for name in header):
+        header = next(reader, None)  # blank lines before the header
+    if header is None:
         raise ValueError(f"{csv_path} is empty; expected a header such as path,role,lat,lon")
-    columns = [name.strip().lower() for name in reader.fieldnames]
+    columns = [name.strip().lower() for name in header]
     _check_columns(columns, csv_path)
     photos, seen = [], {}
-    for raw in reader:
-        where = f"{csv_path}, line {reader.line_num}"
-        if None in raw or any(value is None for value in raw.values()):
-            raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got another count")
-        row = {column: value.strip() for column, value in zip(columns, raw.values())}
-        if not any(row.values()):
+    first_line = reader.line_num + 1  # where the next record starts: a quoted field may span several lines
+    for fields in reader:
+        line, first_line = first_line, reader.line_num + 1
+        where = f"{csv_path}, line {line}"
+        if not any(field.strip() for field in fields):
             continue  # a blank line
+        if len(fields) != len(columns):
+            raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got {len(fields)}")
+        row = {column: value.strip() for column, value in zip(columns, fields)}
         role = row["role"].lower()
         if role not in ROLES:
             raise ValueError(f"{where}: role {row['role']!r} must be one of {', '.join(ROLES)}")
@@ -192,7 +197,7 @@ def _read_photos(reader: csv.DictReader, csv_path: Path, photos_dir: Path) -> li
             raise FileNotFoundError(f"{where}: photo {path} {problem}")
         if path.resolve() in seen:
             raise ValueError(f"{where}: photo {path} is already listed on line {seen[path.resolve()]}")
-        seen[path.resolve()] = reader.line_num
+        seen[path.resolve()] = line
         lat, lon = _position(row, where)
         heading = row.get("heading", "")
         if heading:
@@ -206,7 +211,7 @@ def _read_photos(reader: csv.DictReader, csv_path: Path, photos_dir: Path) -> li
                 f"{where}: timestamp {timestamp!r} must be 1 to 32 letters, digits or _:.+- (e.g. 201906); it goes "
                 "into the file name"
             )
-        photos.append(Photo(reader.line_num, path, role, lat, lon, heading, timestamp))
+        photos.append(Photo(line, path, role, lat, lon, heading, timestamp))
     missing = [role for role in ROLES if not any(photo.role == role for photo in photos)]
     if missing:
         raise ValueError(f"{csv_path}: no photo has the role {' or '.join(missing)}; both are needed")
