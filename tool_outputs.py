@@ -125,8 +125,9 @@ def staging_folder(out_dir: Path, name: str) -> Path:
 
 
 def handle_leftovers(out_dir: Path, name: str, overwrite: bool) -> None:
-    """Deal with the temporary folders of other runs on ``name``: a live run's is a conflict (FileExistsError,
-    unless ``overwrite``), a dead run's (killed, e.g. with SIGKILL, before it could clean up) is removed."""
+    """Deal with the temporary folders of other runs on ``name``: a live run's is a conflict (FileExistsError, even
+    with ``overwrite``), a dead run's (killed, e.g. with SIGKILL, before it could clean up) is removed, or, for the
+    old dataset of a run killed in the middle of its swap, renamed back to ``name``."""
     out_dir = Path(out_dir)
     pattern = glob.escape(f".{name}")
     leftovers = sorted(out_dir.glob(f"{pattern}.partial-*")) + sorted(out_dir.glob(f"{pattern}.old-*"))
@@ -136,11 +137,11 @@ def handle_leftovers(out_dir: Path, name: str, overwrite: bool) -> None:
             continue  # not a name this module writes: leave it alone
         pid = int(pid_text)
         if pid != os.getpid() and _process_alive(pid):
-            if overwrite or ".old-" in leftover.name:
-                continue
-            raise FileExistsError(
-                f"another run (process {pid}) is writing {out_dir / name} right now ({leftover}); wait for it, pass "
-                "--overwrite to replace its result, or pick another --name (if no such run is going, delete "
+            if ".old-" in leftover.name:
+                continue  # that run is swapping its dataset in
+            raise FileExistsError(  # even with --overwrite: both runs would report a dataset, one of them deleted
+                f"another run (process {pid}) is writing {out_dir / name} right now ({leftover}); wait for it, then "
+                f"pass --overwrite to replace its result, or pick another --name (if no such run is going, delete "
                 f"{leftover})"
             )
         final = out_dir / name

@@ -166,10 +166,23 @@ def test_demo_does_not_train_on_a_folder_that_is_not_its_world(tmp_path):
     assert (world / "holiday.jpg").read_bytes() == b"jpeg"
 
 
-def test_demo_does_not_reuse_a_world_of_other_settings(tmp_path, monkeypatch):
+def test_demo_does_not_reuse_a_world_of_other_settings(tmp_path, capsys):
+    """E.g. `synthetic.py --name synthetic_demo` with the default sizes: not the world the demo's numbers are for."""
     synthetic.generate_world(tmp_path, demo.DATASET_NAME, seed=0, **MICRO)
     with pytest.raises(SystemExit, match="was generated with other settings"):
-        demo.ensure_world(tmp_path, seed=1)
+        demo.ensure_world(tmp_path, seed=0)
+
+
+def test_demo_reuses_its_world_whatever_the_seed(tmp_path, capsys):
+    """The README's seed table: --seed changes the training, not the world."""
+    import tool_outputs
+
+    world = tmp_path / demo.DATASET_NAME
+    (world / "images").mkdir(parents=True)
+    flags = ["--out", str(tmp_path), "--name", demo.DATASET_NAME, "--seed", "3", *demo.WORLD_FLAGS]
+    tool_outputs.write_marker(world, synthetic.TOOL, synthetic.settings_of_flags(flags))
+    assert demo.ensure_world(tmp_path, seed=0) is True
+    assert "of seed 3" in capsys.readouterr().out
 
 
 # 7. interrupted and concurrent runs of make_vg_dataset.py
@@ -327,3 +340,47 @@ def test_make_vg_headings_are_normalised_to_0_360(tmp_path):
         f"path,role,lat,lon,heading\na.jpg,database,{LAT},{LON},-90\nq.jpg,queries,{LAT},{LON},360\n"
     )
     assert [p.heading for p in make_vg_dataset.read_photo_table(csv_path, photos)] == ["270.0", "0.0"]
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_leftovers_of_other_names_are_left_alone(tmp_path):
+    """A name with glob characters ("w*") matched the temporary folders of every name starting with w."""
+    other = tmp_path / f".wx.partial-{_dead_pid()}"
+    (other / "images").mkdir(parents=True)
+    synthetic.generate_world(tmp_path, "w*", **MICRO)
+    assert other.is_dir()
+
+
+def test_the_old_dataset_of_a_run_killed_during_its_swap_is_put_back(inputs, tmp_path):
+    """Killed between renaming the old dataset away and renaming the new one in: the old one is the only copy."""
+    first = make_vg_dataset.make_vg_dataset(*inputs, tmp_path / "out", "v")
+    before = snapshot(first)
+    first.rename(tmp_path / "out" / f".v.old-{_dead_pid()}")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        make_vg_dataset.make_vg_dataset(*inputs, tmp_path / "out", "v")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v"] and snapshot(first) == before
+
+
+def test_a_running_run_is_not_raced_even_with_overwrite(tmp_path):
+    synthetic.generate_world(tmp_path, "w", **MICRO)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".w.partial-{running.pid}").mkdir()
+        with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
+            synthetic.generate_world(tmp_path, "w", overwrite=True, **MICRO)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_overwrite_refuses_a_symbolic_link(inputs, tmp_path):
+    world = synthetic.generate_world(tmp_path / "worlds", "w", **MICRO)
+    (tmp_path / "link").symlink_to(world)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        synthetic.generate_world(tmp_path, "link", overwrite=True, **MICRO)
+    assert (tmp_path / "link").is_symlink() and (world / MARKER).is_file()
