@@ -73,6 +73,7 @@ def test_layout_counts_and_file_names(tiny_world: Path) -> None:
             assert H.shape == (3, 3) and H[2, 2] == pytest.approx(1.0)
         expected_files |= {path.relative_to(tiny_world) for path in database + queries}
         expected_files.add(Path("images", split, "homographies.json"))
+    expected_files.add(Path(".dataset_tool.json"))  # the marker that lets --overwrite recognise the world
     assert {path.relative_to(tiny_world) for path in tiny_world.rglob("*") if path.is_file()} == expected_files
 
 
