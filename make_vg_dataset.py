@@ -168,6 +168,7 @@ def _read_rows(csv_path: Path, photos_dir: Path) -> list[Photo]:
 
 
 def _read_photos(reader, csv_path: Path, photos_dir: Path) -> list[Photo]:
+    """The checked rows of ``reader`` (a `csv.reader`, whose ``line_num`` gives the lines of the errors)."""
     header = next(reader, None)
     while header is not None and not any(name.strip() for name in header):
         header = next(reader, None)  # blank lines before the header

@@ -1516,7 +1516,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             num_shared_buildings=args.shared_buildings,
             **sizes,
         )
-    except FileExistsError as error:  # another run on the same name, seen once this one had started
+    except OSError as error:  # another run on the same name seen once this one had started, a full disk: one line
         raise SystemExit(f"synthetic.py: {error}") from None
     finally:
         restore_signal_handlers()

@@ -384,3 +384,18 @@ def test_overwrite_refuses_a_symbolic_link(inputs, tmp_path):
     with pytest.raises(FileExistsError, match="symbolic link"):
         synthetic.generate_world(tmp_path, "link", overwrite=True, **MICRO)
     assert (tmp_path / "link").is_symlink() and (world / MARKER).is_file()
+
+
+def test_synthetic_command_line_refuses_a_world_written_meanwhile_in_one_line(tmp_path, monkeypatch):
+    generate_split = synthetic._generate_split
+
+    def meanwhile(split_dir, *args):
+        (tmp_path / "w" / "theirs").mkdir(parents=True, exist_ok=True)
+        return generate_split(split_dir, *args)
+
+    monkeypatch.setattr(synthetic, "_generate_split", meanwhile)
+    sizes = ["--image_size", "48", "64", "--database_per_split", "2", "2", "2", "--queries_per_split", "1", "1", "1"]
+    with pytest.raises(SystemExit) as stop:
+        synthetic.main(["--out", str(tmp_path), "--name", "w", *sizes, "--images_per_street", "2"])
+    assert isinstance(stop.value.code, str) and "was written by another run meanwhile" in stop.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and (tmp_path / "w" / "theirs").is_dir()
