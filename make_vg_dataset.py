@@ -295,7 +295,6 @@ def make_vg_dataset(
         where = "is" if existing == out_dir else f"lies inside {existing}, which is"
         raise ValueError(f"the output folder {out_dir} (--out) {where} a file, not a folder")
     final = out_dir / name
-    tool_outputs.check_destination(final, TOOL, overwrite, [Path(photos_dir), Path(csv_path)])
     photos = read_photo_table(csv_path, photos_dir)
     inputs = [Path(photos_dir), Path(csv_path), *(photo.path for photo in photos)]
     tool_outputs.check_destination(final, TOOL, overwrite, inputs)

@@ -92,9 +92,9 @@ def check_replaceable(folder: Path, tool: str, protected: Sequence[Path] = ()) -
         raise FileExistsError(refusal + f"it is a dataset written by {marker['tool']}, not by {tool}")
     foreign = _foreign_entries(folder, set(marker["files"]))
     if foreign:
-        shown = ", ".join(foreign[:_LISTED_EXTRAS]) + (
-            f" and {len(foreign) - _LISTED_EXTRAS} more" * (len(foreign) > _LISTED_EXTRAS)
-        )
+        shown = ", ".join(foreign[:_LISTED_EXTRAS])
+        if len(foreign) > _LISTED_EXTRAS:
+            shown += f" and {len(foreign) - _LISTED_EXTRAS} more"
         raise FileExistsError(refusal + f"it holds files that {tool} did not write ({shown}); move them away first")
 
 

@@ -272,6 +272,7 @@ BAD_ROWS = {
     "timestamp-backslash": ("path,role,lat,lon,timestamp", f"a.jpg,database,{LAT},{LON},a\\b", "timestamp"),
     "empty-path": ("path,role,lat,lon", f",database,{LAT},{LON}", "path ''"),
     "folder-path": ("path,role,lat,lon", f"sub,database,{LAT},{LON}", "is a folder"),
+    "not-an-image": ("path,role,lat,lon", f"notes.jpg,database,{LAT},{LON}", "cannot read photo"),
 }
 
 
@@ -280,6 +281,7 @@ def test_make_vg_bad_row_names_file_line_and_what_was_expected(tmp_path, case):
     header, bad_row, expected = case
     photos = make_photos(tmp_path / "photos", ["a.jpg", "q.jpg"])
     (photos / "sub").mkdir()
+    (photos / "notes.jpg").write_text("not a JPEG")
     good_row = ",".join(["q.jpg", "queries", *(f"{LAT},{LON}", "500000,5000000,33,T")["easting" in header].split(",")])
     good_row += "," * (header.count(",") - good_row.count(","))
     csv_path = tmp_path / "photos.csv"
@@ -399,3 +401,12 @@ def test_synthetic_command_line_refuses_a_world_written_meanwhile_in_one_line(tm
         synthetic.main(["--out", str(tmp_path), "--name", "w", *sizes, "--images_per_street", "2"])
     assert isinstance(stop.value.code, str) and "was written by another run meanwhile" in stop.value.code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and (tmp_path / "w" / "theirs").is_dir()
+
+
+def test_make_vg_command_line_missing_photos_folder_is_one_line(tmp_path):
+    csv_path = photo_csv(tmp_path / "photos.csv")
+    with pytest.raises(SystemExit) as stop:
+        make_vg_dataset.main(
+            ["--photos", str(tmp_path / "nowhere"), "--csv", str(csv_path), "--out", str(tmp_path), "--name", "v"]
+        )
+    assert stop.value.code == f"make_vg_dataset.py: photos folder {tmp_path / 'nowhere'} does not exist"
