@@ -21,6 +21,7 @@ from pathlib import Path
 import eval as evaluation
 import finetune
 import synthetic
+import tool_outputs
 import train_dhe
 
 DATASET_NAME = "synthetic_demo"
@@ -68,12 +69,35 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def ensure_world(datasets_folder: Path, seed: int) -> bool:
-    """Write the demo world into `datasets_folder / DATASET_NAME` unless it is there; True when it was reused."""
+    """Write the demo world into `datasets_folder / DATASET_NAME` unless it is there; True when it was reused.
+
+    Only a world that synthetic.py wrote with the demo's settings (`WORLD_FLAGS`, any seed: the world stays while
+    --seed changes the training) is reused; any other non-empty folder of that name stops the demo (SystemExit)
+    with what is there, rather than training on it.
+    """
     world = datasets_folder / DATASET_NAME
+    flags = ["--out", str(datasets_folder), "--name", DATASET_NAME, "--seed", str(seed), *WORLD_FLAGS]
     if world.is_dir() and any(world.iterdir()):
-        print(f"Reusing the synthetic world in {world} (delete that folder to generate it again)")
+        marker = tool_outputs.read_marker(world)
+        if marker is None or marker["tool"] != synthetic.TOOL:
+            raise SystemExit(
+                f"demo.py: {world} is not a world that synthetic.py wrote (it has no {tool_outputs.MARKER} of "
+                f"synthetic.py; worlds written before that marker existed have none); if it holds nothing you need, "
+                f"delete it by hand (rm -r {world}), or pass another --datasets_folder"
+            )
+        settings = dict(marker.get("settings") or {})
+        world_seed = settings.pop("seed", None)
+        expected = synthetic.settings_of_flags(flags)
+        expected.pop("seed")
+        if settings != expected:
+            raise SystemExit(
+                f"demo.py: {world} was generated with other settings ({settings}) than this demo's "
+                f"({' '.join(WORLD_FLAGS)}); delete it by hand (rm -r {world}) to generate it again, or pass another "
+                "--datasets_folder"
+            )
+        print(f"Reusing the synthetic world in {world}, of seed {world_seed} (delete that folder to generate it again)")
         return True
-    synthetic.main(["--out", str(datasets_folder), "--name", DATASET_NAME, "--seed", str(seed), *WORLD_FLAGS])
+    synthetic.main(flags)
     return False
 
 

@@ -23,8 +23,11 @@ UTM frame and are refused.
 Written: ``<out>/<name>/images/<split>/{database,queries}/@east@north@zone@band@lat@lon@@@heading@@@@timestamp@
 <original name>@.jpg``. JPEG and PNG files are copied byte for byte, except JPEGs whose EXIF orientation says they
 are stored rotated: those are turned upright and re-encoded (quality 95), since the datasets ignore EXIF. Other
-formats Pillow reads are converted to JPEG. The dataset is written to a temporary folder renamed at the end, so a
-bad row leaves nothing behind.
+formats Pillow reads are converted to JPEG. The dataset is written to a temporary folder `.<name>.partial-<pid>`
+renamed at the end, so a bad row, an error or a signal (Ctrl-C, SIGTERM, SIGHUP) leaves nothing behind; the
+temporary folder of a killed run is removed by the next run, and a second run on the same name refuses. With it goes
+a marker, `.dataset_tool.json`: --overwrite replaces only a dataset that this tool wrote, with nothing else in it and
+holding none of the photos or the CSV (see `tool_outputs`).
 """
 
 from __future__ import annotations
@@ -43,11 +46,17 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 import geodesy
+import tool_outputs
+from interrupts import Interrupted, install_signal_handlers
 
+TOOL = "make_vg_dataset.py"  # the name in the marker of the datasets it writes (see tool_outputs)
 ROLES = ("database", "queries")
 LATLON_COLUMNS = ("lat", "lon")
 UTM_COLUMNS = ("easting", "northing", "zone")
 OPTIONAL_COLUMNS = ("heading", "timestamp")
+MAX_EASTING, MAX_NORTHING = 1_000_000, 10_000_000  # UTM's false easting is 500 km, the southern false northing 10000 km
+TIMESTAMP = re.compile(r"[0-9A-Za-z_:.+-]{1,32}")  # a field of the file name: no @, /, \\, spaces nor controls
+MAX_NOTE = 64  # characters of the photo's own name kept in the written name (a file name has at most 255 bytes)
 EXIF_ORIENTATION = 0x0112
 JPEG_QUALITY = 95
 
@@ -82,8 +91,13 @@ def _position(row: dict[str, str], where: str) -> tuple[float, float]:
     else:
         easting = _number(row["easting"], "easting", where)
         northing = _number(row["northing"], "northing", where)
+        if not 0 <= easting <= MAX_EASTING or not 0 <= northing <= MAX_NORTHING:
+            raise ValueError(
+                f"{where}: easting {easting:g}, northing {northing:g} is not a UTM position (expected an easting "
+                f"from 0 to {MAX_EASTING:,} m and a northing from 0 to {MAX_NORTHING:,} m)"
+            )
         zone = row["zone"].strip()
-        if not zone.isdigit() or not 1 <= int(zone) <= 60:
+        if not (zone.isascii() and zone.isdigit()) or not 1 <= int(zone) <= 60:
             raise ValueError(f"{where}: zone {zone!r} is not a UTM zone (an integer from 1 to 60)")
         try:
             if "band" in row:
@@ -91,7 +105,7 @@ def _position(row: dict[str, str], where: str) -> tuple[float, float]:
             else:
                 hemisphere = row["hemisphere"].strip().upper()
             lat, lon = geodesy.utm_to_latlon(easting, northing, int(zone), hemisphere)
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             raise ValueError(f"{where}: {error}") from None
     try:
         geodesy.utm_zone(lat, lon)  # checks the ranges
@@ -101,6 +115,9 @@ def _position(row: dict[str, str], where: str) -> tuple[float, float]:
 
 
 def _check_columns(columns: Sequence[str], csv_path: Path) -> None:
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise ValueError(f"{csv_path}: the header names {', '.join(map(repr, repeated))} more than once")
     columns = set(columns)
     has_latlon = set(LATLON_COLUMNS) <= columns
     has_utm = set(UTM_COLUMNS) <= columns and bool(columns & {"band", "hemisphere"})
@@ -135,38 +152,67 @@ def read_photo_table(csv_path: str | Path, photos_dir: str | Path) -> list[Photo
         raise FileNotFoundError(f"CSV {csv_path} does not exist")
     if not photos_dir.is_dir():
         raise FileNotFoundError(f"photos folder {photos_dir} does not exist")
+    try:
+        return _read_rows(csv_path, photos_dir)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{csv_path} is not UTF-8 text ({error}); save it as UTF-8 CSV") from None
+
+
+def _read_rows(csv_path: Path, photos_dir: Path) -> list[Photo]:
     with open(csv_path, newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        if reader.fieldnames is None:
-            raise ValueError(f"{csv_path} is empty; expected a header such as path,role,lat,lon")
-        columns = [name.strip().lower() for name in reader.fieldnames]
-        _check_columns(columns, csv_path)
-        photos, seen = [], {}
-        for line, raw in enumerate(reader, start=2):
-            where = f"{csv_path}, line {line}"
-            if None in raw or any(value is None for value in raw.values()):
-                raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got another count")
-            row = {column: value.strip() for column, value in zip(columns, raw.values())}
-            if not any(row.values()):
-                continue  # a blank line
-            role = row["role"].lower()
-            if role not in ROLES:
-                raise ValueError(f"{where}: role {row['role']!r} must be one of {', '.join(ROLES)}")
-            path = Path(row["path"])
-            path = path if path.is_absolute() else photos_dir / path
-            if not path.is_file():
-                raise FileNotFoundError(f"{where}: photo {path} does not exist")
-            if path.resolve() in seen:
-                raise ValueError(f"{where}: photo {path} is already listed on line {seen[path.resolve()]}")
-            seen[path.resolve()] = line
-            lat, lon = _position(row, where)
-            heading = row.get("heading", "")
-            if heading:
-                heading = f"{_number(heading, 'heading', where):.1f}"
-            timestamp = row.get("timestamp", "")
-            if "@" in timestamp or "/" in timestamp:
-                raise ValueError(f"{where}: timestamp {timestamp!r} may not contain @ or /")
-            photos.append(Photo(line, path, role, lat, lon, heading, timestamp))
+        reader = csv.reader(file)
+        try:
+            return _read_photos(reader, csv_path, photos_dir)
+        except csv.Error as error:
+            raise ValueError(f"{csv_path}, line {reader.line_num}: not valid CSV ({error})") from None
+
+
+def _read_photos(reader, csv_path: Path, photos_dir: Path) -> list[Photo]:
+    """The checked rows of ``reader`` (a `csv.reader`, whose ``line_num`` gives the lines of the errors)."""
+    header = next(reader, None)
+    while header is not None and not any(name.strip() for name in header):
+        header = next(reader, None)  # blank lines before the header
+    if header is None:
+        raise ValueError(f"{csv_path} is empty; expected a header such as path,role,lat,lon")
+    columns = [name.strip().lower() for name in header]
+    _check_columns(columns, csv_path)
+    photos, seen = [], {}
+    first_line = reader.line_num + 1  # where the next record starts: a quoted field may span several lines
+    for fields in reader:
+        line, first_line = first_line, reader.line_num + 1
+        where = f"{csv_path}, line {line}"
+        if not any(field.strip() for field in fields):
+            continue  # a blank line
+        if len(fields) != len(columns):
+            raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got {len(fields)}")
+        row = {column: value.strip() for column, value in zip(columns, fields)}
+        role = row["role"].lower()
+        if role not in ROLES:
+            raise ValueError(f"{where}: role {row['role']!r} must be one of {', '.join(ROLES)}")
+        if not row["path"] or "\0" in row["path"]:
+            raise ValueError(f"{where}: path {row['path']!r} is not a file name (relative to {photos_dir} or absolute)")
+        path = Path(row["path"])
+        path = path if path.is_absolute() else photos_dir / path
+        if not path.is_file():
+            problem = "is a folder, not a photo" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"{where}: photo {path} {problem}")
+        if path.resolve() in seen:
+            raise ValueError(f"{where}: photo {path} is already listed on line {seen[path.resolve()]}")
+        seen[path.resolve()] = line
+        lat, lon = _position(row, where)
+        heading = row.get("heading", "")
+        if heading:
+            degrees = _number(heading, "heading", where)
+            if not -360 <= degrees <= 360:
+                raise ValueError(f"{where}: heading {heading!r} is not an angle from -360 to 360 degrees")
+            heading = f"{degrees % 360:.1f}"
+        timestamp = row.get("timestamp", "")
+        if timestamp and not TIMESTAMP.fullmatch(timestamp):
+            raise ValueError(
+                f"{where}: timestamp {timestamp!r} must be 1 to 32 letters, digits or _:.+- (e.g. 201906); it goes "
+                "into the file name"
+            )
+        photos.append(Photo(line, path, role, lat, lon, heading, timestamp))
     missing = [role for role in ROLES if not any(photo.role == role for photo in photos)]
     if missing:
         raise ValueError(f"{csv_path}: no photo has the role {' or '.join(missing)}; both are needed")
@@ -182,7 +228,7 @@ def common_zone(photos: Sequence[Photo]) -> int:
 
 def _note(path: Path) -> str:
     """The photo's file name without extension, made safe for a VG name field."""
-    return re.sub(r"[@/\\\s]+", "_", path.stem) or "photo"
+    return re.sub(r"[@/\\\s]+", "_", path.stem)[:MAX_NOTE] or "photo"
 
 
 def vg_file_name(photo: Photo, utm: geodesy.UTM, extension: str) -> str:
@@ -234,19 +280,31 @@ def make_vg_dataset(
         out_dir, name: where the dataset goes (eval.py's --datasets_folder and --dataset_name).
         split: the split folder (eval.py reads "test").
         zone: UTM zone of every photo (default: `common_zone`).
-        overwrite: replace an existing non-empty `<out_dir>/<name>` (default: refuse).
+        overwrite: replace an existing `<out_dir>/<name>` that this tool wrote, with nothing else in it and holding
+            none of the inputs (default: refuse; `tool_outputs.check_replaceable`).
     """
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a plain folder name, got {name!r}")
     if not split or "/" in split or os.sep in split or split in (".", ".."):
         raise ValueError(f"split must be a plain folder name, got {split!r}")
     out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == out_dir else f"lies inside {existing}, which is"
+        raise ValueError(f"the output folder {out_dir} (--out) {where} a file, not a folder")
     final = out_dir / name
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
     photos = read_photo_table(csv_path, photos_dir)
+    inputs = [Path(photos_dir), Path(csv_path), *(photo.path for photo in photos)]
+    tool_outputs.check_destination(final, TOOL, overwrite, inputs)
     if len({photo.lat >= 0 for photo in photos}) > 1:
-        raise ValueError(f"{csv_path}: photos on both sides of the equator cannot share one UTM frame")
+        north = next(photo for photo in photos if photo.lat >= 0)
+        south = next(photo for photo in photos if photo.lat < 0)
+        raise ValueError(
+            f"{csv_path}: photos on both sides of the equator cannot share one UTM frame (line {north.line} is at "
+            f"latitude {north.lat:.7f}, line {south.line} at {south.lat:.7f})"
+        )
     zone = common_zone(photos) if zone is None else zone
     utms = []
     for photo in photos:
@@ -256,8 +314,8 @@ def make_vg_dataset(
             raise ValueError(f"{csv_path}, line {photo.line}: {error}") from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    tool_outputs.handle_leftovers(out_dir, name, overwrite)
+    staging = tool_outputs.staging_folder(out_dir, name)
     try:
         written: dict[str, int] = {}
         for role in ROLES:
@@ -274,13 +332,9 @@ def make_vg_dataset(
                     f"{csv_path}, line {photo.line}: same position and file name as line {written[key]} ({key})"
                 )
             written[key] = photo.line
-        if final.exists():
-            retired = out_dir / f".{name}.old-{os.getpid()}"
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
-        else:
-            staging.rename(final)
+        settings = {"photos": str(Path(photos_dir).resolve()), "csv": str(Path(csv_path).resolve()), "zone": zone}
+        tool_outputs.write_marker(staging, TOOL, {**settings, "split": split})
+        tool_outputs.publish(staging, final, TOOL, overwrite, inputs)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -307,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="UTM zone (1-60) of every photo (default: the zone of the median position).",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty <out>/<name>.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing <out>/<name> that make_vg_dataset.py wrote, with nothing else in it.",
+    )
     return parser
 
 
@@ -317,7 +375,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.zone is not None and not 1 <= args.zone <= 60:
         parser.error(f"--zone {args.zone}: must be from 1 to 60")
-    folder = make_vg_dataset(args.photos, args.csv, args.out, args.name, args.split, args.zone, args.overwrite)
+    # SIGTERM and SIGHUP clean up like Ctrl-C: the temporary folder is removed
+    restore_signal_handlers = install_signal_handlers()
+    try:
+        folder = make_vg_dataset(args.photos, args.csv, args.out, args.name, args.split, args.zone, args.overwrite)
+    except (ValueError, OSError) as error:  # a bad row, photo or destination: one line, no traceback
+        raise SystemExit(f"make_vg_dataset.py: {error}") from None
+    finally:
+        restore_signal_handlers()
     names = {role: sorted(os.listdir(folder / "images" / args.split / role)) for role in ROLES}
     zone = names["database"][0].split("@")[3]
     print(f"Wrote {folder}: {len(names['database'])} database photos, {len(names['queries'])} queries, UTM zone {zone}")
@@ -329,4 +394,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except Interrupted as interrupted:
+        sys.exit(128 + interrupted.signum)  # the shell's convention for a process ended by a signal
+    except KeyboardInterrupt:
+        sys.exit(128 + 2)  # Ctrl-C (SIGINT)

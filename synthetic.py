@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import errno
 import io
 import json
 import logging
@@ -52,8 +51,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+import tool_outputs
 from interrupts import Interrupted, install_signal_handlers
 
+TOOL = "synthetic.py"  # the name in the marker of the worlds it writes (see tool_outputs)
 SPLITS = ("train", "val", "test")
 UTM_ZONE = 33
 UTM_LETTER = "T"
@@ -1169,7 +1170,7 @@ def _generate_split(
 
 def _check_destination(out_dir: Path, name: str, overwrite: bool) -> None:
     """Raise ValueError for a ``name`` that is not a plain folder name or an ``out_dir`` that is (or lies inside)
-    a file, FileExistsError for an occupied name."""
+    a file, FileExistsError for an occupied name (see `tool_outputs.check_destination`)."""
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a plain folder name, got {name!r}")
     existing = Path(out_dir)
@@ -1178,42 +1179,7 @@ def _check_destination(out_dir: Path, name: str, overwrite: bool) -> None:
     if existing.exists() and not existing.is_dir():
         where = "is" if existing == Path(out_dir) else f"lies inside {existing}, which is"
         raise ValueError(f"the output folder {out_dir} (--out) {where} a file, not a folder")
-    final = out_dir / name
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{final} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _handle_leftovers(out_dir: Path, name: str, overwrite: bool) -> None:
-    """Deal with the temporary folders of other runs on ``name``: a live run's is a conflict (FileExistsError,
-    unless ``overwrite``), a dead run's (killed, e.g. with SIGKILL, before it could clean up) is removed."""
-    for leftover in sorted(out_dir.glob(f".{name}.partial-*")) + sorted(out_dir.glob(f".{name}.old-*")):
-        pid_text = leftover.name.rsplit("-", 1)[-1]
-        pid = int(pid_text) if pid_text.isdigit() else None
-        if pid is not None and pid != os.getpid() and _process_alive(pid):
-            if overwrite or ".old-" in leftover.name:
-                continue
-            raise FileExistsError(
-                f"another run (process {pid}) is writing {out_dir / name} right now ({leftover}); wait for it, pass "
-                "--overwrite to replace its result, or pick another --name (if no such run is going, delete "
-                f"{leftover})"
-            )
-        logging.getLogger(__name__).warning(f"Removing {leftover}, left behind by an interrupted run")
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    tool_outputs.check_destination(Path(out_dir) / name, TOOL, overwrite)
 
 
 def check_contact_sheet_path(path: Path | str) -> None:
@@ -1238,6 +1204,49 @@ def check_contact_sheet_path(path: Path | str) -> None:
         raise ValueError(f"contact sheet {path}: cannot write a {image_format} sheet ({error}); use .png") from None
 
 
+def world_settings(
+    seed: int,
+    image_size: Sequence[int],
+    database_per_split: Sequence[int],
+    queries_per_split: Sequence[int],
+    images_per_street: int,
+    database_spacing: float,
+    shared_fraction: float,
+    num_shared_buildings: int,
+) -> dict:
+    """The arguments of `generate_world` as its marker records them (`tool_outputs.read_marker`: "settings")."""
+    return {
+        "seed": int(seed),
+        "image_size": [int(side) for side in image_size],
+        "database_per_split": [int(count) for count in database_per_split],
+        "queries_per_split": [int(count) for count in queries_per_split],
+        "images_per_street": int(images_per_street),
+        "database_spacing": float(database_spacing),
+        "shared_fraction": float(shared_fraction),
+        "num_shared_buildings": int(num_shared_buildings),
+    }
+
+
+def _sizes(args: argparse.Namespace) -> dict:
+    """The world's sizes: the preset's, with the flags given on the command line instead."""
+    sizes = dict(PRESETS[args.preset])
+    for key in sizes:
+        if getattr(args, key) is not None:
+            sizes[key] = tuple(getattr(args, key)) if isinstance(sizes[key], tuple) else getattr(args, key)
+    return sizes
+
+
+def settings_of_flags(argv: Sequence[str]) -> dict:
+    """The `world_settings` of the world that ``synthetic.py argv`` writes (to recognise it, e.g. in demo.py)."""
+    args = build_parser().parse_args(argv)
+    return world_settings(
+        seed=args.seed,
+        shared_fraction=args.shared_fraction,
+        num_shared_buildings=args.shared_buildings,
+        **_sizes(args),
+    )
+
+
 def generate_world(
     out_dir: Path | str,
     name: str,
@@ -1260,7 +1269,8 @@ def generate_world(
     of them, and a library of a dozen, make places that only the arrangement of their facades tells apart). The
     world is written into a temporary sibling folder that is renamed at
     the end, so a failure leaves nothing behind; an existing non-empty ``out_dir / name`` raises FileExistsError
-    unless ``overwrite``, and so does another run writing the same name (seen at the start by its temporary
+    unless ``overwrite`` and it is a world that this tool wrote with nothing else in it (its marker says so, see
+    `tool_outputs`), and so does another run writing the same name (seen at the start by its temporary
     folder, or at the end by the rename). Temporary folders of runs that were killed before they could clean up
     are removed.
     """
@@ -1270,8 +1280,8 @@ def generate_world(
     _check_destination(out_dir, name, overwrite)
     final = out_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    _handle_leftovers(out_dir, name, overwrite)
-    staging = out_dir / f".{name}.partial-{os.getpid()}"
+    tool_outputs.handle_leftovers(out_dir, name, overwrite)
+    staging = tool_outputs.staging_folder(out_dir, name)
     try:
         world_rng = np.random.default_rng([seed, 1_000])
         shared_buildings = [int(s) for s in world_rng.integers(2**31, size=NUM_SHARED_BUILDINGS)]
@@ -1299,23 +1309,18 @@ def generate_world(
                 shared_fraction,
             )
             region_east += extent + SPLIT_GAP_M
-        if overwrite and final.exists():  # swap, so that the old world is only removed once the new one is in place
-            retired = out_dir / f".{name}.old-{os.getpid()}"
-            final.rename(retired)
-            staging.rename(final)
-            if retired.is_dir():
-                shutil.rmtree(retired)
-            else:
-                retired.unlink()
-        else:
-            try:  # atomic: fills an empty folder, fails on one that another run filled meanwhile
-                staging.rename(final)
-            except OSError as error:
-                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise
-                raise FileExistsError(
-                    f"{final} was written by another run meanwhile; pass overwrite=True (--overwrite) to replace it"
-                ) from None
+        settings = world_settings(
+            seed=seed,
+            image_size=image_size,
+            database_per_split=database_per_split,
+            queries_per_split=queries_per_split,
+            images_per_street=images_per_street,
+            database_spacing=database_spacing,
+            shared_fraction=shared_fraction,
+            num_shared_buildings=num_shared_buildings,
+        )
+        tool_outputs.write_marker(staging, TOOL, settings)
+        tool_outputs.publish(staging, final, TOOL, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1471,7 +1476,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Buildings in that library, 1 to 1000 (default: {NUM_SHARED_BUILDINGS}).",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="Replace an existing non-empty <out>/<name> (default: refuse)."
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing <out>/<name> that synthetic.py wrote, with nothing else in it (default: refuse).",
     )
     parser.add_argument(
         "--contact_sheet",
@@ -1487,10 +1494,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Generate the world that the flags ``argv`` describe, print its counts and the time it took; return its folder."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    sizes = dict(PRESETS[args.preset])
-    for key in sizes:
-        if getattr(args, key) is not None:
-            sizes[key] = tuple(getattr(args, key)) if isinstance(sizes[key], tuple) else getattr(args, key)
+    sizes = _sizes(args)
     try:
         check_world_arguments(**sizes)
         check_repetition_arguments(args.shared_fraction, args.shared_buildings)
@@ -1512,6 +1516,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             num_shared_buildings=args.shared_buildings,
             **sizes,
         )
+    except OSError as error:  # another run on the same name seen once this one had started, a full disk: one line
+        raise SystemExit(f"synthetic.py: {error}") from None
     finally:
         restore_signal_handlers()
     elapsed = time.perf_counter() - start

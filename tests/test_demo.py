@@ -7,6 +7,8 @@ import json
 import pytest
 
 import demo
+import synthetic
+import tool_outputs
 
 
 def test_recall_table_rows_and_values():
@@ -24,9 +26,11 @@ def test_existing_world_is_reused(tmp_path, capsys):
     world = tmp_path / demo.DATASET_NAME
     world.mkdir()
     (world / "images").mkdir()
+    flags = ["--out", str(tmp_path), "--name", demo.DATASET_NAME, "--seed", "0", *demo.WORLD_FLAGS]
+    tool_outputs.write_marker(world, synthetic.TOOL, synthetic.settings_of_flags(flags))
     assert demo.ensure_world(tmp_path, seed=0) is True
     assert "Reusing the synthetic world" in capsys.readouterr().out
-    assert [p.name for p in world.iterdir()] == ["images"]
+    assert sorted(p.name for p in world.iterdir()) == [tool_outputs.MARKER, "images"]
 
 
 @pytest.mark.parametrize("argv", [["--num_workers", "-1"], ["--seed", "-3"], ["--exp_name", "a/b"]])
@@ -38,6 +42,9 @@ def test_bad_flags_are_refused(argv):
 def test_main_chains_the_stages(tmp_path, monkeypatch, capsys):
     """Stand-in scripts: each checks the checkpoints it is given and writes its results.json."""
     (tmp_path / "data" / demo.DATASET_NAME / "images" / "test" / "queries").mkdir(parents=True)
+    flags = ["--out", str(tmp_path / "data"), "--name", demo.DATASET_NAME, "--seed", "0", *demo.WORLD_FLAGS]
+    settings = synthetic.settings_of_flags(flags)
+    tool_outputs.write_marker(tmp_path / "data" / demo.DATASET_NAME, synthetic.TOOL, settings)
     calls = []
 
     def fake(name, files):

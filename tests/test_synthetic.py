@@ -73,6 +73,7 @@ def test_layout_counts_and_file_names(tiny_world: Path) -> None:
             assert H.shape == (3, 3) and H[2, 2] == pytest.approx(1.0)
         expected_files |= {path.relative_to(tiny_world) for path in database + queries}
         expected_files.add(Path("images", split, "homographies.json"))
+    expected_files.add(Path(".dataset_tool.json"))  # the marker that lets --overwrite recognise the world
     assert {path.relative_to(tiny_world) for path in tiny_world.rglob("*") if path.is_file()} == expected_files
 
 
@@ -232,9 +233,13 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     (world / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
         synthetic.generate_world(tmp_path, "world", **MICRO)
+    with pytest.raises(FileExistsError, match="no .dataset_tool.json"):
+        synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO)  # not a world synthetic.py wrote
     assert (world / "notes.txt").read_text() == "keep me"
+    (world / "notes.txt").unlink()
+    synthetic.generate_world(tmp_path, "world", seed=1, **MICRO)
     assert synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO) == world
-    assert not (world / "notes.txt").exists() and len(list(world.rglob("*.jpg"))) == 9
+    assert len(list(world.rglob("*.jpg"))) == 9
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world"]  # no temporary folder left
 
 
