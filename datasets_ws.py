@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import stat
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from torch.utils.data import Dataset
 
 from commons import resolve_device
 from model.dhe import PATCH_SIZE
+from tools.vg_names import NAME_PATTERN, parse_note, parse_utm
 from util import extract_features, search
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NAME_PATTERN = (
-    "@utm_east@utm_north@utm_zone@zone_letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg"
-)
-NOTE_FIELD = 14  # 1-based position of the note among the @-separated fields
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # The original searched each training query's top 100 predictions for predicted query-positive pairs.
 QP_NUM_PREDICTIONS = 100
@@ -61,46 +57,6 @@ EXPECTED_LAYOUT = (
 )
 
 _normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-# ------------------------------------------------------------------------------------------------------------- names
-def _name_fields(path: str) -> list[str]:
-    """The @-separated fields of the file name (not of the folders above it); field 0 is what precedes the first @."""
-    return os.path.basename(path).split("@")
-
-
-def parse_utm(path: str) -> tuple[float, float]:
-    """(utm_east, utm_north) in metres, read from the file name of `path`.
-
-    Raises ValueError naming the file and the expected pattern when the name does not start with
-    ``@<east>@<north>@`` with two finite numbers.
-    """
-    fields = _name_fields(path)
-    try:
-        if len(fields) < 4 or fields[0] != "":
-            raise ValueError("too few @-separated fields")
-        east, north = float(fields[1]), float(fields[2])
-        if not (math.isfinite(east) and math.isfinite(north)):
-            raise ValueError("coordinates are not finite")
-    except ValueError as error:
-        raise ValueError(
-            f"cannot read UTM coordinates from the file name of {path} ({error}); expected a name like {NAME_PATTERN}"
-        ) from None
-    return east, north
-
-
-def parse_note(path: str) -> str:
-    """The note (14th @-field) of the file name of `path`, e.g. ``night_sideways_tokyo`` on MSLS.
-
-    Raises ValueError when the name has fewer than 14 fields.
-    """
-    fields = _name_fields(path)
-    if len(fields) < NOTE_FIELD + 2:  # leading "" and trailing extension around the fields
-        raise ValueError(
-            f"the file name of {path} has no note field (the {NOTE_FIELD}th @-separated field); "
-            f"expected a name like {NAME_PATTERN}"
-        )
-    return fields[NOTE_FIELD]
 
 
 # ------------------------------------------------------------------------------------------------------------ images

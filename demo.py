@@ -20,9 +20,10 @@ from pathlib import Path
 
 import eval as evaluation
 import finetune
-import synthetic
-import tool_outputs
 import train_dhe
+from tools import outputs
+from tools.synthetic import cli as synthetic_cli
+from tools.synthetic import world as synthetic_world
 
 DATASET_NAME = "synthetic_demo"
 # Every street a sequence of the same dozen facades: a pooled global descriptor can hardly tell places apart, a
@@ -78,16 +79,16 @@ def ensure_world(datasets_folder: Path, seed: int) -> bool:
     world = datasets_folder / DATASET_NAME
     flags = ["--out", str(datasets_folder), "--name", DATASET_NAME, "--seed", str(seed), *WORLD_FLAGS]
     if world.is_dir() and any(world.iterdir()):
-        marker = tool_outputs.read_marker(world)
-        if marker is None or marker["tool"] != synthetic.TOOL:
+        marker = outputs.read_marker(world)
+        if marker is None or marker["tool"] != synthetic_world.TOOL:
             raise SystemExit(
-                f"demo.py: {world} is not a world that synthetic.py wrote (it has no {tool_outputs.MARKER} of "
+                f"demo.py: {world} is not a world that synthetic.py wrote (it has no {outputs.MARKER} of "
                 f"synthetic.py; worlds written before that marker existed have none); if it holds nothing you need, "
                 f"delete it by hand (rm -r {world}), or pass another --datasets_folder"
             )
         settings = dict(marker.get("settings") or {})
         world_seed = settings.pop("seed", None)
-        expected = synthetic.settings_of_flags(flags)
+        expected = synthetic_cli.settings_of_flags(flags)
         expected.pop("seed")
         if settings != expected:
             raise SystemExit(
@@ -97,7 +98,7 @@ def ensure_world(datasets_folder: Path, seed: int) -> bool:
             )
         print(f"Reusing the synthetic world in {world}, of seed {world_seed} (delete that folder to generate it again)")
         return True
-    synthetic.main(flags)
+    synthetic_cli.main(flags)
     return False
 
 
