@@ -7,8 +7,9 @@ import json
 import pytest
 
 import demo
-import synthetic
-import tool_outputs
+from tools import outputs as tool_outputs
+from tools.synthetic import cli as synthetic_cli
+from tools.synthetic import world as synthetic_world
 
 
 def test_recall_table_rows_and_values():
@@ -27,7 +28,7 @@ def test_existing_world_is_reused(tmp_path, capsys):
     world.mkdir()
     (world / "images").mkdir()
     flags = ["--out", str(tmp_path), "--name", demo.DATASET_NAME, "--seed", "0", *demo.WORLD_FLAGS]
-    tool_outputs.write_marker(world, synthetic.TOOL, synthetic.settings_of_flags(flags))
+    tool_outputs.write_marker(world, synthetic_world.TOOL, synthetic_cli.settings_of_flags(flags))
     assert demo.ensure_world(tmp_path, seed=0) is True
     assert "Reusing the synthetic world" in capsys.readouterr().out
     assert sorted(p.name for p in world.iterdir()) == [tool_outputs.MARKER, "images"]
@@ -43,8 +44,8 @@ def test_main_chains_the_stages(tmp_path, monkeypatch, capsys):
     """Stand-in scripts: each checks the checkpoints it is given and writes its results.json."""
     (tmp_path / "data" / demo.DATASET_NAME / "images" / "test" / "queries").mkdir(parents=True)
     flags = ["--out", str(tmp_path / "data"), "--name", demo.DATASET_NAME, "--seed", "0", *demo.WORLD_FLAGS]
-    settings = synthetic.settings_of_flags(flags)
-    tool_outputs.write_marker(tmp_path / "data" / demo.DATASET_NAME, synthetic.TOOL, settings)
+    settings = synthetic_cli.settings_of_flags(flags)
+    tool_outputs.write_marker(tmp_path / "data" / demo.DATASET_NAME, synthetic_world.TOOL, settings)
     calls = []
 
     def fake(name, files):

@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-import geodesy
+from tools import geodesy
 
 # (lat, lon) -> (easting, northing, zone, band), GRS80
 KNOWN_GRS80 = [

@@ -29,7 +29,7 @@ from model.homography import (
     rei_loss,
     reprojection_distances,
 )
-from synthetic import generate_world
+from tools.synthetic.world import generate_world
 
 SIZE = 32
 COMMON = ["--resize", str(SIZE), str(SIZE), "--trunc_te", "1", "--num_workers", "0", "--device", "cpu"]

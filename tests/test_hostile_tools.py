@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 import demo
-import make_vg_dataset
-import synthetic
+import make_vg_dataset as make_vg_dataset_script
+from tools import make_vg_dataset
+from tools.synthetic import cli as synthetic_cli
+from tools.synthetic import world as synthetic_world
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".dataset_tool.json"  # the marker of the datasets the tools write (tool_outputs.MARKER)
@@ -78,7 +80,7 @@ def _file(tmp_path: Path) -> Path:
 
 
 def _synthetic_world(tmp_path: Path) -> Path:
-    return synthetic.generate_world(tmp_path, "world", **MICRO)
+    return synthetic_world.generate_world(tmp_path, "world", **MICRO)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +101,7 @@ def test_make_vg_overwrite_refuses_what_it_did_not_write(inputs, tmp_path, capsy
     before = snapshot(folder) if folder.is_dir() else folder.read_bytes()
     argv = ["--photos", str(photos), "--csv", str(csv_path), "--out", str(folder.parent), "--name", folder.name]
     with pytest.raises(SystemExit) as stop:
-        make_vg_dataset.main([*argv, "--overwrite"])
+        make_vg_dataset_script.main([*argv, "--overwrite"])
     assert isinstance(stop.value.code, str) and message in stop.value.code and str(folder) in stop.value.code
     assert "\n" not in stop.value.code
     assert (snapshot(folder) if folder.is_dir() else folder.read_bytes()) == before
@@ -141,7 +143,7 @@ def test_synthetic_overwrite_refuses_what_it_did_not_write(inputs, tmp_path, tar
         folder = target(tmp_path)
     before = snapshot(folder) if folder.is_dir() else folder.read_bytes()
     with pytest.raises(FileExistsError, match="is not replaced by --overwrite"):
-        synthetic.generate_world(folder.parent, folder.name, overwrite=True, **MICRO)
+        synthetic_world.generate_world(folder.parent, folder.name, overwrite=True, **MICRO)
     assert (snapshot(folder) if folder.is_dir() else folder.read_bytes()) == before
     assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
@@ -149,7 +151,7 @@ def test_synthetic_overwrite_refuses_what_it_did_not_write(inputs, tmp_path, tar
 def test_synthetic_command_line_says_what_is_there(tmp_path, capsys):
     _user_folder(tmp_path)
     with pytest.raises(SystemExit):
-        synthetic.main(["--out", str(tmp_path), "--name", "mine", "--overwrite", "--preset", "tiny"])
+        synthetic_cli.main(["--out", str(tmp_path), "--name", "mine", "--overwrite", "--preset", "tiny"])
     assert f"has no {MARKER}" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -168,19 +170,19 @@ def test_demo_does_not_train_on_a_folder_that_is_not_its_world(tmp_path):
 
 def test_demo_does_not_reuse_a_world_of_other_settings(tmp_path, capsys):
     """E.g. `synthetic.py --name synthetic_demo` with the default sizes: not the world the demo's numbers are for."""
-    synthetic.generate_world(tmp_path, demo.DATASET_NAME, seed=0, **MICRO)
+    synthetic_world.generate_world(tmp_path, demo.DATASET_NAME, seed=0, **MICRO)
     with pytest.raises(SystemExit, match="was generated with other settings"):
         demo.ensure_world(tmp_path, seed=0)
 
 
 def test_demo_reuses_its_world_whatever_the_seed(tmp_path, capsys):
     """The README's seed table: --seed changes the training, not the world."""
-    import tool_outputs
+    from tools import outputs as tool_outputs
 
     world = tmp_path / demo.DATASET_NAME
     (world / "images").mkdir(parents=True)
     flags = ["--out", str(tmp_path), "--name", demo.DATASET_NAME, "--seed", "3", *demo.WORLD_FLAGS]
-    tool_outputs.write_marker(world, synthetic.TOOL, synthetic.settings_of_flags(flags))
+    tool_outputs.write_marker(world, synthetic_world.TOOL, synthetic_cli.settings_of_flags(flags))
     assert demo.ensure_world(tmp_path, seed=0) is True
     assert "of seed 3" in capsys.readouterr().out
 
@@ -288,7 +290,7 @@ def test_make_vg_bad_row_names_file_line_and_what_was_expected(tmp_path, case):
     csv_path.write_text(f"{header}\n{good_row}\n\n{bad_row}\n")  # a blank line before the bad row
     argv = ["--photos", str(photos), "--csv", str(csv_path), "--out", str(tmp_path / "out"), "--name", "v"]
     with pytest.raises(SystemExit) as stop:
-        make_vg_dataset.main(argv)
+        make_vg_dataset_script.main(argv)
     message = stop.value.code
     assert isinstance(message, str) and f"{csv_path}, line 4" in message and expected in message
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
@@ -354,7 +356,7 @@ def test_leftovers_of_other_names_are_left_alone(tmp_path):
     """A name with glob characters ("w*") matched the temporary folders of every name starting with w."""
     other = tmp_path / f".wx.partial-{_dead_pid()}"
     (other / "images").mkdir(parents=True)
-    synthetic.generate_world(tmp_path, "w*", **MICRO)
+    synthetic_world.generate_world(tmp_path, "w*", **MICRO)
     assert other.is_dir()
 
 
@@ -369,36 +371,36 @@ def test_the_old_dataset_of_a_run_killed_during_its_swap_is_put_back(inputs, tmp
 
 
 def test_a_running_run_is_not_raced_even_with_overwrite(tmp_path):
-    synthetic.generate_world(tmp_path, "w", **MICRO)
+    synthetic_world.generate_world(tmp_path, "w", **MICRO)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / f".w.partial-{running.pid}").mkdir()
         with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
-            synthetic.generate_world(tmp_path, "w", overwrite=True, **MICRO)
+            synthetic_world.generate_world(tmp_path, "w", overwrite=True, **MICRO)
     finally:
         running.kill()
         running.wait()
 
 
 def test_overwrite_refuses_a_symbolic_link(inputs, tmp_path):
-    world = synthetic.generate_world(tmp_path / "worlds", "w", **MICRO)
+    world = synthetic_world.generate_world(tmp_path / "worlds", "w", **MICRO)
     (tmp_path / "link").symlink_to(world)
     with pytest.raises(FileExistsError, match="symbolic link"):
-        synthetic.generate_world(tmp_path, "link", overwrite=True, **MICRO)
+        synthetic_world.generate_world(tmp_path, "link", overwrite=True, **MICRO)
     assert (tmp_path / "link").is_symlink() and (world / MARKER).is_file()
 
 
 def test_synthetic_command_line_refuses_a_world_written_meanwhile_in_one_line(tmp_path, monkeypatch):
-    generate_split = synthetic._generate_split
+    generate_split = synthetic_world._generate_split
 
     def meanwhile(split_dir, *args):
         (tmp_path / "w" / "theirs").mkdir(parents=True, exist_ok=True)
         return generate_split(split_dir, *args)
 
-    monkeypatch.setattr(synthetic, "_generate_split", meanwhile)
+    monkeypatch.setattr(synthetic_world, "_generate_split", meanwhile)
     sizes = ["--image_size", "48", "64", "--database_per_split", "2", "2", "2", "--queries_per_split", "1", "1", "1"]
     with pytest.raises(SystemExit) as stop:
-        synthetic.main(["--out", str(tmp_path), "--name", "w", *sizes, "--images_per_street", "2"])
+        synthetic_cli.main(["--out", str(tmp_path), "--name", "w", *sizes, "--images_per_street", "2"])
     assert isinstance(stop.value.code, str) and "was written by another run meanwhile" in stop.value.code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and (tmp_path / "w" / "theirs").is_dir()
 
@@ -406,7 +408,7 @@ def test_synthetic_command_line_refuses_a_world_written_meanwhile_in_one_line(tm
 def test_make_vg_command_line_missing_photos_folder_is_one_line(tmp_path):
     csv_path = photo_csv(tmp_path / "photos.csv")
     with pytest.raises(SystemExit) as stop:
-        make_vg_dataset.main(
+        make_vg_dataset_script.main(
             ["--photos", str(tmp_path / "nowhere"), "--csv", str(csv_path), "--out", str(tmp_path), "--name", "v"]
         )
     assert stop.value.code == f"make_vg_dataset.py: photos folder {tmp_path / 'nowhere'} does not exist"

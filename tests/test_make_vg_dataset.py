@@ -11,11 +11,11 @@ from PIL import Image
 
 import datasets_ws
 import eval as eval_script
-import geodesy
-import make_vg_dataset
+import make_vg_dataset as make_vg_dataset_script
 import parser as project_parser
 from model import FeaturesExtractor
 from model.checkpoints import save_state_dict
+from tools import geodesy, make_vg_dataset
 
 # made-up photos on a street of Venice, in degrees (1e-4 degrees of latitude is about 11 m)
 LAT, LON = 45.4371, 12.3326
@@ -93,7 +93,7 @@ b.jpg,database,{utm.easting + 200},{utm.northing},33,T
 q1.jpg,queries,{utm.easting + 3},{utm.northing},33,T
 """,
     )
-    folder = make_vg_dataset.main(
+    folder = make_vg_dataset_script.main(
         ["--photos", str(photos), "--csv", str(csv_path), "--out", str(tmp_path / "out"), "--name", "utm"]
     )
     names = sorted(p.name for p in (folder / "images" / "test" / "database").iterdir())

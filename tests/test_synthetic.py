@@ -12,9 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import synthetic
+from tools import geodesy
+from tools.synthetic import cli as synthetic_cli
+from tools.synthetic import scene, textures
+from tools.synthetic import world as synthetic_world
 
-TINY = synthetic.PRESETS["tiny"]
+TINY = synthetic_world.PRESETS["tiny"]
 MICRO = {  # the smallest world: one street per split, for the tests of the writing behaviour
     "image_size": (48, 64),
     "database_per_split": (2, 2, 2),
@@ -26,7 +29,7 @@ MICRO = {  # the smallest world: one street per split, for the tests of the writ
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.generate_world(tmp_path_factory.mktemp("worlds"), "tiny", seed=0, **TINY)
+    return synthetic_world.generate_world(tmp_path_factory.mktemp("worlds"), "tiny", seed=0, **TINY)
 
 
 def _images(world: Path, split: str, kind: str) -> list[Path]:
@@ -54,7 +57,7 @@ def test_layout_counts_and_file_names(tiny_world: Path) -> None:
     height, width = TINY["image_size"]
     expected_files = set()
     for split, num_database, num_queries in zip(
-        synthetic.SPLITS, TINY["database_per_split"], TINY["queries_per_split"]
+        synthetic_world.SPLITS, TINY["database_per_split"], TINY["queries_per_split"]
     ):
         database, queries = _images(tiny_world, split, "database"), _images(tiny_world, split, "queries")
         assert (len(database), len(queries)) == (num_database, num_queries)
@@ -66,7 +69,7 @@ def test_layout_counts_and_file_names(tiny_world: Path) -> None:
             assert (fields[3], fields[4]) == ("33", "T")
             with Image.open(path) as image:
                 assert image.size == (width, height) and image.mode == "RGB"
-        homographies = synthetic.load_homographies(tiny_world / "images" / split)
+        homographies = synthetic_world.load_homographies(tiny_world / "images" / split)
         assert set(homographies) == {path.name for path in queries}
         for database_name, H in homographies.values():
             assert (tiny_world / "images" / split / "database" / database_name).is_file()
@@ -78,10 +81,10 @@ def test_layout_counts_and_file_names(tiny_world: Path) -> None:
 
 
 def test_every_query_has_a_positive_within_10_m_and_the_sidecar_names_the_nearest(tiny_world: Path) -> None:
-    for split in synthetic.SPLITS:
+    for split in synthetic_world.SPLITS:
         database_names = [path.name for path in _images(tiny_world, split, "database")]
         database_utm = np.array([_utm(name) for name in database_names])
-        homographies = synthetic.load_homographies(tiny_world / "images" / split)
+        homographies = synthetic_world.load_homographies(tiny_world / "images" / split)
         for query in _images(tiny_world, split, "queries"):
             distances = np.linalg.norm(database_utm - np.array(_utm(query)), axis=1)
             assert distances.min() < 10.0, query.name
@@ -91,10 +94,10 @@ def test_every_query_has_a_positive_within_10_m_and_the_sidecar_names_the_neares
 def test_splits_are_kilometres_apart(tiny_world: Path) -> None:
     positions = {
         split: np.array([_utm(path) for kind in ("database", "queries") for path in _images(tiny_world, split, kind)])
-        for split in synthetic.SPLITS
+        for split in synthetic_world.SPLITS
     }
-    for i, first in enumerate(synthetic.SPLITS):
-        for second in synthetic.SPLITS[i + 1 :]:
+    for i, first in enumerate(synthetic_world.SPLITS):
+        for second in synthetic_world.SPLITS[i + 1 :]:
             gaps = np.linalg.norm(positions[first][:, None] - positions[second][None], axis=2)
             assert gaps.min() > 1000.0, (first, second)
 
@@ -104,11 +107,11 @@ def test_splits_are_kilometres_apart(tiny_world: Path) -> None:
 
 
 def test_facade_homography_projects_known_points() -> None:
-    K = synthetic.intrinsics((96, 128))
-    focal = 64 / math.tan(math.radians(synthetic.FIELD_OF_VIEW_DEG) / 2)
+    K = scene.intrinsics((96, 128))
+    focal = 64 / math.tan(math.radians(scene.FIELD_OF_VIEW_DEG) / 2)
     assert K[0, 0] == pytest.approx(focal) and (K[0, 2], K[1, 2]) == (63.5, 47.5)
-    camera = synthetic.Camera(x=5.0, y=-10.0, height=2.0)  # looking straight at the facades
-    H = synthetic.facade_homography(K, camera)
+    camera = scene.Camera(x=5.0, y=-10.0, height=2.0)  # looking straight at the facades
+    H = scene.facade_homography(K, camera)
     known = {(5.0, 2.0): (63.5, 47.5), (6.0, 2.0): (63.5 + focal / 10, 47.5), (5.0, 3.0): (63.5, 47.5 - focal / 10)}
     for (u, v), expected in known.items():
         projected = H @ np.array([u, v, 1.0])
@@ -116,25 +119,25 @@ def test_facade_homography_projects_known_points() -> None:
 
 
 def test_view_homography_maps_facade_points_between_views() -> None:
-    K = synthetic.intrinsics((96, 96))
-    source = synthetic.Camera(x=12.0, y=-8.0, height=1.7, yaw=0.3, pitch=0.1, roll=-0.04)
-    target = synthetic.Camera(x=14.0, y=-10.0, height=2.5, yaw=-0.02, pitch=0.1)
+    K = scene.intrinsics((96, 96))
+    source = scene.Camera(x=12.0, y=-8.0, height=1.7, yaw=0.3, pitch=0.1, roll=-0.04)
+    target = scene.Camera(x=14.0, y=-10.0, height=2.5, yaw=-0.02, pitch=0.1)
     facade_points = np.array([[10.0, 3.0, 1.0], [15.0, 8.0, 1.0], [13.0, 1.0, 1.0]]).T  # (u, v, 1)
-    in_source = synthetic.facade_homography(K, source) @ facade_points
-    in_target = synthetic.facade_homography(K, target) @ facade_points
-    mapped = synthetic.view_homography(K, source, target) @ in_source
+    in_source = scene.facade_homography(K, source) @ facade_points
+    in_target = scene.facade_homography(K, target) @ facade_points
+    mapped = scene.view_homography(K, source, target) @ in_source
     np.testing.assert_allclose(mapped[:2] / mapped[2], in_target[:2] / in_target[2], atol=1e-8)
 
 
 def test_camera_rotation_is_a_rotation_with_forward_towards_the_facades() -> None:
-    R = synthetic.Camera(x=0.0, y=-10.0, height=2.0, yaw=0.2, pitch=0.1, roll=0.05).rotation()
+    R = scene.Camera(x=0.0, y=-10.0, height=2.0, yaw=0.2, pitch=0.1, roll=0.05).rotation()
     np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
     assert np.linalg.det(R) == pytest.approx(1.0)
-    np.testing.assert_allclose(synthetic.Camera(x=0.0, y=-10.0, height=2.0).rotation()[2], [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(scene.Camera(x=0.0, y=-10.0, height=2.0).rotation()[2], [0.0, 1.0, 0.0])
 
 
 def test_utm_to_latlon_known_answer() -> None:
-    lat, lon = synthetic.utm_to_latlon(500_000.0, 4_982_950.4, zone=33)  # 45 N on the central meridian, 15 E
+    lat, lon = geodesy.utm_to_latlon(500_000.0, 4_982_950.4, 33, "N")  # 45 N on the central meridian, 15 E
     assert lat == pytest.approx(45.0, abs=1e-5) and lon == pytest.approx(15.0, abs=1e-9)
 
 
@@ -144,13 +147,13 @@ def _grey(image: np.ndarray) -> torch.Tensor:
 
 def test_rendered_views_agree_on_the_facades_through_view_homography() -> None:
     rng = np.random.default_rng(3)
-    street = synthetic.build_street(rng, 60.0, (0.0, 0.0), 0.0, shared_buildings=[11], shared_signs=[12])
-    size, clouds = (96, 128), synthetic._periodic_noise(rng, 64, 1.6)
-    K = synthetic.intrinsics(size)
-    source = synthetic.Camera(x=28.0, y=-7.0, height=1.8, yaw=0.25, pitch=0.12, roll=0.03)
-    target = synthetic.Camera(x=31.0, y=-10.0, height=2.5, pitch=0.1)
-    source_image, _ = synthetic.render_view(street, source, K, size, synthetic.Lighting(), clouds)
-    target_image, facade = synthetic.render_view(street, target, K, size, synthetic.Lighting(), clouds)
+    street = scene.build_street(rng, 60.0, (0.0, 0.0), 0.0, shared_buildings=[11], shared_signs=[12])
+    size, clouds = (96, 128), textures.periodic_noise(rng, 64, 1.6)
+    K = scene.intrinsics(size)
+    source = scene.Camera(x=28.0, y=-7.0, height=1.8, yaw=0.25, pitch=0.12, roll=0.03)
+    target = scene.Camera(x=31.0, y=-10.0, height=2.5, pitch=0.1)
+    source_image, _ = scene.render_view(street, source, K, size, scene.Lighting(), clouds)
+    target_image, facade = scene.render_view(street, target, K, size, scene.Lighting(), clouds)
     assert source_image.shape == (96, 128, 3) and facade.shape == (96, 128) and 0.3 < facade.mean() < 1
 
     def error(H: np.ndarray) -> float:
@@ -161,7 +164,7 @@ def test_rendered_views_agree_on_the_facades_through_view_homography() -> None:
         assert region.float().mean() > 0.2
         return (warped[0, 0] - _grey(target_image)[0, 0])[region].abs().mean().item()
 
-    H = synthetic.view_homography(K, source, target)
+    H = scene.view_homography(K, source, target)
     half_a_pixel_off = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ H
     # grey levels in 0..255; what is left at the right H comes from resampling the textures at other scales
     assert error(H) < 6.0 and error(H) < 0.75 * error(half_a_pixel_off), (error(H), error(half_a_pixel_off))
@@ -170,12 +173,12 @@ def test_rendered_views_agree_on_the_facades_through_view_homography() -> None:
 def test_shared_buildings_recur_identically_on_distant_streets() -> None:
     shared = [101, 202, 303]
     first, second = (
-        synthetic.build_street(np.random.default_rng(seed), 150.0, (0.0, 0.0), 0.0, shared, [7, 8]) for seed in (1, 2)
+        scene.build_street(np.random.default_rng(seed), 150.0, (0.0, 0.0), 0.0, shared, [7, 8]) for seed in (1, 2)
     )
     assert set(first.buildings) & set(shared) and set(second.buildings) & set(shared)
     assert len(first.buildings) > 5 and first.length_m >= 150.0
-    np.testing.assert_array_equal(synthetic.draw_building(101, None), synthetic.draw_building(101, None))
-    assert not np.array_equal(synthetic.draw_building(101, 7)[..., :3], synthetic.draw_building(102, 7)[..., :3])
+    np.testing.assert_array_equal(textures.draw_building(101, None), textures.draw_building(101, None))
+    assert not np.array_equal(textures.draw_building(101, 7)[..., :3], textures.draw_building(102, 7)[..., :3])
 
 
 def _local_contrast(image: torch.Tensor, size: int = 9) -> torch.Tensor:
@@ -203,9 +206,9 @@ def test_stored_homographies_align_queries_onto_their_database_images(tiny_world
 
     shift = np.array([[1.0, 0.0, 40.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     ratios = []
-    for split in synthetic.SPLITS:
+    for split in synthetic_world.SPLITS:
         split_dir = tiny_world / "images" / split
-        for query_name, (database_name, H) in synthetic.load_homographies(split_dir).items():
+        for query_name, (database_name, H) in synthetic_world.load_homographies(split_dir).items():
             query, database = grey(split_dir / "queries" / query_name), grey(split_dir / "database" / database_name)
             right, overlap = _alignment_error(query, database, H)
             assert overlap > 0.25, f"{query_name} hardly overlaps {database_name}"
@@ -220,9 +223,9 @@ def test_stored_homographies_align_queries_onto_their_database_images(tiny_world
 
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_bytes(tiny_world: Path, tmp_path: Path) -> None:
-    again = synthetic.generate_world(tmp_path, "again", seed=0, **TINY)
+    again = synthetic_world.generate_world(tmp_path, "again", seed=0, **TINY)
     assert _hashes(again) == _hashes(tiny_world)
-    other = synthetic.generate_world(tmp_path, "other", seed=1, **TINY)
+    other = synthetic_world.generate_world(tmp_path, "other", seed=1, **TINY)
     other_hashes = _hashes(other)
     assert set(other_hashes.values()).isdisjoint(_hashes(tiny_world).values())
 
@@ -232,27 +235,27 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     world.mkdir()
     (world / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
-        synthetic.generate_world(tmp_path, "world", **MICRO)
+        synthetic_world.generate_world(tmp_path, "world", **MICRO)
     with pytest.raises(FileExistsError, match="no .dataset_tool.json"):
-        synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO)  # not a world synthetic.py wrote
+        synthetic_world.generate_world(tmp_path, "world", overwrite=True, **MICRO)  # not a world synthetic.py wrote
     assert (world / "notes.txt").read_text() == "keep me"
     (world / "notes.txt").unlink()
-    synthetic.generate_world(tmp_path, "world", seed=1, **MICRO)
-    assert synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO) == world
+    synthetic_world.generate_world(tmp_path, "world", seed=1, **MICRO)
+    assert synthetic_world.generate_world(tmp_path, "world", overwrite=True, **MICRO) == world
     assert len(list(world.rglob("*.jpg"))) == 9
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world"]  # no temporary folder left
 
 
 def test_an_empty_existing_folder_is_filled(tmp_path: Path) -> None:
     (tmp_path / "world").mkdir()
-    synthetic.generate_world(tmp_path, "world", **MICRO)
+    synthetic_world.generate_world(tmp_path, "world", **MICRO)
     assert len(list((tmp_path / "world").rglob("*.jpg"))) == 9
 
 
 def test_a_failure_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    previous = synthetic.generate_world(tmp_path, "world", **MICRO)
+    previous = synthetic_world.generate_world(tmp_path, "world", **MICRO)
     before = _hashes(previous)
-    save_jpeg, calls = synthetic._save_jpeg, []
+    save_jpeg, calls = synthetic_world._save_jpeg, []
 
     def failing_save(image: np.ndarray, path: Path) -> None:
         calls.append(path)
@@ -260,12 +263,12 @@ def test_a_failure_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pyte
             raise OSError("disk full")
         save_jpeg(image, path)
 
-    monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
+    monkeypatch.setattr(synthetic_world, "_save_jpeg", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        synthetic.generate_world(tmp_path, "fresh", **MICRO)
+        synthetic_world.generate_world(tmp_path, "fresh", **MICRO)
     with pytest.raises(OSError, match="disk full"):
         calls.clear()
-        synthetic.generate_world(tmp_path, "world", overwrite=True, **MICRO)
+        synthetic_world.generate_world(tmp_path, "world", overwrite=True, **MICRO)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["world"]
     assert _hashes(previous) == before
 
@@ -285,7 +288,7 @@ def test_bad_flags_stop_with_a_clear_message(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit) as stop:
-        synthetic.main(["--out", str(tmp_path), *argv])
+        synthetic_cli.main(["--out", str(tmp_path), *argv])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -293,31 +296,31 @@ def test_bad_flags_stop_with_a_clear_message(
 
 def test_bad_arguments_of_generate_world(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="database_per_split"):
-        synthetic.generate_world(tmp_path, "world", **{**MICRO, "database_per_split": (2, 2)})
+        synthetic_world.generate_world(tmp_path, "world", **{**MICRO, "database_per_split": (2, 2)})
     with pytest.raises(ValueError, match="plain folder name"):
-        synthetic.generate_world(tmp_path, "a/b", **MICRO)
+        synthetic_world.generate_world(tmp_path, "a/b", **MICRO)
 
 
 def test_command_line_writes_a_world_and_a_contact_sheet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sheet = tmp_path / "sheet.png"
     sizes = ["--image_size", "48", "64", "--database_per_split", "2", "2", "2", "--queries_per_split", "1", "1", "2"]
     argv = ["--out", str(tmp_path), "--name", "cli", "--preset", "tiny", *sizes, "--images_per_street", "2"]
-    world = synthetic.main([*argv, "--contact_sheet", str(sheet)])
+    world = synthetic_cli.main([*argv, "--contact_sheet", str(sheet)])
     assert world == tmp_path / "cli"
     assert "test 2 database / 2 queries" in capsys.readouterr().out
     assert len(_images(world, "test", "queries")) == 2
     with Image.open(sheet) as image:
         assert image.format == "PNG" and image.width > image.height
     with pytest.raises(SystemExit):
-        synthetic.main(argv)  # the world is there now
+        synthetic_cli.main(argv)  # the world is there now
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_shared_fraction_one_builds_streets_from_the_library_only() -> None:
     shared = [101, 202, 303, 404]
-    street = synthetic.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=1.0)
+    street = scene.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=1.0)
     assert set(street.buildings) <= set(shared) and len(street.buildings) > 3
-    street = synthetic.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=0.0)
+    street = scene.build_street(np.random.default_rng(3), 120.0, (0.0, 0.0), 0.0, shared, [7], shared_fraction=0.0)
     assert not set(street.buildings) & set(shared)
 
 
@@ -327,8 +330,8 @@ def test_repetition_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--shared_buildings", "0"], "num_shared_buildings must be between 1 and 1000"),
     ):
         with pytest.raises(SystemExit):
-            synthetic.main(["--out", str(tmp_path), *argv])
+            synthetic_cli.main(["--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="shared_fraction"):
-        synthetic.generate_world(tmp_path, "world", shared_fraction=-0.1, **MICRO)
+        synthetic_world.generate_world(tmp_path, "world", shared_fraction=-0.1, **MICRO)
     assert list(tmp_path.iterdir()) == []
