@@ -167,10 +167,10 @@ def queries_to_save(
 
 
 def load_true_homographies(split_folder: str | Path) -> dict[str, tuple[str, np.ndarray]]:
-    """`synthetic.load_homographies` of the split, or {} when it has no homographies.json (not a synthetic world)."""
+    """`tools.synthetic.world.load_homographies` of the split, or {} when it has no homographies.json."""
     if not (Path(split_folder) / "homographies.json").is_file():
         return {}
-    from synthetic import load_homographies
+    from tools.synthetic.world import load_homographies
 
     return load_homographies(split_folder)
 

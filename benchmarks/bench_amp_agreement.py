@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_rerank import head_with_spread_corners  # noqa: E402
 
 import commons  # noqa: E402
-import synthetic  # noqa: E402
 import util  # noqa: E402
 from datasets_ws import BaseDataset  # noqa: E402
 from model import FeaturesExtractor  # noqa: E402
+from tools.synthetic.world import generate_world  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     world = Path(args.datasets_folder) / args.dataset_name
     if not world.exists():
-        synthetic.generate_world(args.datasets_folder, args.dataset_name)
+        generate_world(args.datasets_folder, args.dataset_name)
     resize = tuple(args.resize)
     dataset_args = SimpleNamespace(resize=resize, test_method="hard_resize", val_positive_dist_threshold=25)
     dataset = BaseDataset(dataset_args, args.datasets_folder, args.dataset_name, "test")

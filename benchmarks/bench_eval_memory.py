@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import synthetic  # noqa: E402
+from tools.synthetic.world import generate_world  # noqa: E402
 
 CHILD = """
 import resource, sys
@@ -69,7 +69,7 @@ def main() -> None:
         temporary = Path(temporary)
         peaks = {}
         for size in (small, large):
-            world = synthetic.generate_world(
+            world = generate_world(
                 temporary / "worlds",
                 f"db{size}",
                 image_size=(height, width),

@@ -283,9 +283,9 @@ def kernel_section(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
     """Section 2: eval.py's re-ranking stage against the kernel at the same size and pass size."""
     import eval as eval_script
-    import synthetic
     from model import FeaturesExtractor
     from model.checkpoints import save_state_dict
+    from tools.synthetic.world import generate_world
 
     resize = tuple(args.e2e_resize)
     pass_size = args.e2e_pass_size or util.default_rerank_batch_size(device)
@@ -297,7 +297,7 @@ def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as temporary:
         temporary = Path(temporary)
         start = time.perf_counter()
-        synthetic.generate_world(
+        generate_world(
             temporary / "worlds",
             "bench",
             image_size=resize,

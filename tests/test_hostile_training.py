@@ -19,7 +19,7 @@ import finetune
 import train_dhe
 import training
 from model import FeaturesExtractor, checkpoints
-from synthetic import generate_world
+from tools.synthetic.world import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, TRUNC_TE = 64, 1

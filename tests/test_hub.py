@@ -70,7 +70,7 @@ def test_hub_loads_finetune_checkpoints(checkpoints, monkeypatch):
 def test_hub_loads_what_finetune_wrote(tmp_path, monkeypatch):
     """One tiny epoch of finetune.py, then its best and per-epoch state dicts through torch.hub.load."""
     import finetune
-    from synthetic import generate_world
+    from tools.synthetic.world import generate_world
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     monkeypatch.chdir(tmp_path)

@@ -21,12 +21,12 @@ pytest.importorskip("onnxruntime")
 
 import eval as eval_script  # noqa: E402
 import export_onnx  # noqa: E402
-import synthetic  # noqa: E402
 from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402
 from deploy import onnx_export, rerank_numpy  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.checkpoints import load_features_extractor, load_homography_regression, save_state_dict  # noqa: E402
 from model.homography import score_pairs  # noqa: E402
+from tools.synthetic import world as synthetic_world  # noqa: E402
 
 SIZE = 64
 TRUNC_TE = 2
@@ -39,7 +39,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic world with seeded checkpoints fe.torch and hr.torch beside it."""
     root = tmp_path_factory.mktemp("onnx_world")
-    synthetic.generate_world(root, "tiny", seed=0, **synthetic.PRESETS["tiny"])
+    synthetic_world.generate_world(root, "tiny", seed=0, **synthetic_world.PRESETS["tiny"])
     torch.manual_seed(0)
     save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), root / "fe.torch")
     head = HomographyRegression(resize=(SIZE, SIZE))

@@ -24,7 +24,6 @@ import torch
 import commons
 import eval as eval_script
 import parser
-import synthetic
 import util
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import (
@@ -37,6 +36,8 @@ from model.checkpoints import (
     replaced_atomically,
     save_state_dict,
 )
+from tools.synthetic import cli as synthetic_cli
+from tools.synthetic import world as synthetic_world
 
 ROOT = Path(__file__).resolve().parent.parent
 RESIZE = ("--resize", "64", "64")
@@ -45,7 +46,7 @@ RESIZE = ("--resize", "64", "64")
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
     """`synthetic.py --preset tiny` (16 database images and 6 queries in the test split)."""
-    return synthetic.main(["--out", str(tmp_path_factory.mktemp("worlds")), "--name", "tiny", "--preset", "tiny"])
+    return synthetic_cli.main(["--out", str(tmp_path_factory.mktemp("worlds")), "--name", "tiny", "--preset", "tiny"])
 
 
 def eval_argv(world: Path, *extra: str) -> list[str]:
@@ -622,14 +623,14 @@ def test_synthetic_output_inside_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
         with pytest.raises(SystemExit):
-            synthetic.main(tiny_flags(out))
+            synthetic_cli.main(tiny_flags(out))
         assert "a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sheet", ["sheet.xyz", "sheet.jpg", "sheet"])
 def test_synthetic_contact_sheet_that_cannot_be_written_is_refused_before_generating(tmp_path, capsys, sheet):
     with pytest.raises(SystemExit):
-        synthetic.main(tiny_flags(tmp_path / "out", "--contact_sheet", str(tmp_path / sheet)))
+        synthetic_cli.main(tiny_flags(tmp_path / "out", "--contact_sheet", str(tmp_path / sheet)))
     assert f"contact sheet {tmp_path / sheet}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -637,17 +638,18 @@ def test_synthetic_contact_sheet_that_cannot_be_written_is_refused_before_genera
 _SLOW_SYNTHETIC = """
 import sys, time
 sys.path.insert(0, {root!r})
-import synthetic
-generate_split = synthetic._generate_split
+from interrupts import Interrupted
+from tools.synthetic import cli, world
+generate_split = world._generate_split
 def slow(split_dir, *args):
     result = generate_split(split_dir, *args)
     open({marker!r}, "w").close()
     time.sleep(60)
     return result
-synthetic._generate_split = slow
+world._generate_split = slow
 try:
-    synthetic.main({argv!r})
-except synthetic.Interrupted as interrupted:
+    cli.main({argv!r})
+except Interrupted as interrupted:
     sys.exit(128 + interrupted.signum)
 """
 
@@ -671,7 +673,7 @@ def test_synthetic_removes_the_partial_folder_of_a_killed_run(tmp_path, caplog):
     dead.wait()
     stale = tmp_path / "out" / f".w.partial-{dead.pid}"
     (stale / "images").mkdir(parents=True)
-    world = synthetic.main(tiny_flags(tmp_path / "out"))
+    world = synthetic_cli.main(tiny_flags(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [world.name]
     assert f"Removing {stale}, left behind by an interrupted run" in caplog.text
 
@@ -683,20 +685,20 @@ def test_synthetic_second_run_on_one_name_refuses(tmp_path, monkeypatch):
         busy = tmp_path / "out" / f".w.partial-{running.pid}"
         busy.mkdir(parents=True)
         with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
-            synthetic.generate_world(tmp_path / "out", "w", **synthetic.PRESETS["tiny"])
+            synthetic_world.generate_world(tmp_path / "out", "w", **synthetic_world.PRESETS["tiny"])
         assert busy.exists()  # the other run's folder is left alone
     finally:
         running.kill()
         running.wait()
     # a run that finished while this one was writing: the end refuses rather than replacing its world
-    generate_split = synthetic._generate_split
+    generate_split = synthetic_world._generate_split
 
     def meanwhile(split_dir, *args):
         (tmp_path / "out2" / "w" / "theirs").mkdir(parents=True, exist_ok=True)
         return generate_split(split_dir, *args)
 
-    monkeypatch.setattr(synthetic, "_generate_split", meanwhile)
+    monkeypatch.setattr(synthetic_world, "_generate_split", meanwhile)
     with pytest.raises(FileExistsError, match="was written by another run meanwhile"):
-        synthetic.generate_world(tmp_path / "out2", "w", **synthetic.PRESETS["tiny"])
+        synthetic_world.generate_world(tmp_path / "out2", "w", **synthetic_world.PRESETS["tiny"])
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["w"]
     assert [p.name for p in (tmp_path / "out2" / "w").iterdir()] == ["theirs"]

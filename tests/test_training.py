@@ -26,7 +26,7 @@ import train_dhe
 import training
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import load_features_extractor, load_homography_regression
-from synthetic import generate_world
+from tools.synthetic.world import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, TRUNC_TE = 64, 1

@@ -21,10 +21,10 @@ from helpers import save_identity_head
 from PIL import Image
 
 import eval as eval_script
-import synthetic
 import visualize
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import save_state_dict
+from tools.synthetic import world as synthetic_world
 
 SIZE = 96  # the tiny world's images; a 6 x 6 grid of local features
 GRID = SIZE // 16
@@ -34,7 +34,7 @@ NUM_PREDS = 3
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pictures")
-    synthetic.generate_world(root, "tiny", **synthetic.PRESETS["tiny"])
+    synthetic_world.generate_world(root, "tiny", **synthetic_world.PRESETS["tiny"])
     split = root / "tiny" / "images" / "test"
     source = sorted((split / "database").glob("*.jpg"))[5]
     fields = source.name.split("@")

@@ -47,6 +47,7 @@ def pick_colour(
 
 
 def shaded(colour: tuple[int, ...], factor: float) -> tuple[int, ...]:
+    """``colour`` with every channel multiplied by ``factor`` and clipped to 0..255 (integers)."""
     return tuple(int(min(255, max(0, c * factor))) for c in colour)
 
 
@@ -285,6 +286,7 @@ class _Proportions:
 
 
 def _draw_proportions(rng: np.random.Generator) -> _Proportions:
+    """The measures of a new building: the first draws of its generator."""
     bays = int(rng.integers(2, 6))
     bay_w = rng.uniform(2.6, 3.8)
     ground_h = rng.uniform(3.8, 4.8)
