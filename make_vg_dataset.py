@@ -20,6 +20,7 @@ from tools.make_vg_dataset import ROLES, make_vg_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags of `main`."""
     parser = argparse.ArgumentParser(
         description="Make a dataset in the VG layout (<out>/<name>/images/<split>/{database,queries}/, positions in "
         "the file names) from a folder of photos and a CSV of their positions, for eval.py. CSV header: "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import kornia
@@ -314,6 +316,18 @@ def test_command_line_writes_a_world_and_a_contact_sheet(tmp_path: Path, capsys:
     with pytest.raises(SystemExit):
         synthetic_cli.main(argv)  # the world is there now
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_script_writes_what_the_library_writes(tmp_path: Path) -> None:
+    """`python synthetic.py` is the thin entry point of `tools.synthetic.cli`: the same world, byte for byte."""
+    sizes = ["--image_size", "48", "64", "--database_per_split", "2", "2", "2", "--queries_per_split", "1", "1", "1"]
+    argv = ["--out", str(tmp_path), "--name", "script", "--seed", "3", *sizes, "--images_per_street", "2"]
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "synthetic.py", *argv], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"Wrote {tmp_path / 'script'}" in result.stdout
+    library = synthetic_world.generate_world(tmp_path, "library", seed=3, **MICRO)
+    assert _hashes(tmp_path / "script") == _hashes(library)
 
 
 def test_shared_fraction_one_builds_streets_from_the_library_only() -> None:
