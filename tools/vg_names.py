@@ -16,6 +16,7 @@ FIELDS = (
     "height", "timestamp", "note",
 )  # fmt: skip
 NAME_PATTERN = "@" + "@".join(FIELDS) + "@.jpg"
+TEXT_FIELDS = FIELDS[FIELDS.index("pano_id") :]  # written as the caller formatted them
 UTM_DECIMALS = 2  # centimetres
 _FORBIDDEN = ("@", "/", "\\")  # a field holding one of them would change the name's fields or folders
 
@@ -35,13 +36,13 @@ def format_name(
     """The VG file name of an image at UTM (``utm_east``, ``utm_north``) metres, i.e. latitude ``lat`` and longitude
     ``lon`` degrees, written with ``latlon_decimals`` decimals (UTM with `UTM_DECIMALS`).
 
-    ``text_fields`` are the other fields of `FIELDS` as written (``pano_id``, ``tile``, ``heading``, ``pitch``,
-    ``roll``, ``height``, ``timestamp``, ``note``; missing ones are empty). ``extension`` follows the last "@" (e.g.
+    ``text_fields`` are the `TEXT_FIELDS` as written (``pano_id``, ``tile``, ``heading``, ``pitch``, ``roll``,
+    ``height``, ``timestamp``, ``note``; missing ones are empty). ``extension`` follows the last "@" (e.g.
     ".jpg", or "" to add it later). Raises ValueError for an unknown field or a field holding "@", "/" or "\\".
     """
-    unknown = sorted(set(text_fields) - set(FIELDS[6:]))
+    unknown = sorted(set(text_fields) - set(TEXT_FIELDS))
     if unknown:
-        raise ValueError(f"unknown VG name fields {unknown}; the text fields are {list(FIELDS[6:])}")
+        raise ValueError(f"unknown VG name fields {unknown}; the text fields are {list(TEXT_FIELDS)}")
     values = {
         "utm_east": f"{utm_east:.{UTM_DECIMALS}f}",
         "utm_north": f"{utm_north:.{UTM_DECIMALS}f}",
