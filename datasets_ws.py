@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from commons import resolve_device
-from model.dhe import PATCH_SIZE
+from model.features_extractor import PATCH_SIZE
 from util import extract_features, search
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.homography import RANSAC_THRESHOLD, find_homography_ransac, keypoints, matched_keypoints  # noqa: E402
+from model.geometry import keypoints  # noqa: E402
+from model.matching import matched_keypoints  # noqa: E402
+from model.ransac import RANSAC_THRESHOLD, find_homography_ransac  # noqa: E402
 
 try:
     import cv2

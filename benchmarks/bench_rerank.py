@@ -47,8 +47,8 @@ import commons  # noqa: E402
 import datasets_ws  # noqa: E402
 import util  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity, dhe  # noqa: E402
-from model.dhe import PATCH_SIZE  # noqa: E402
-from model.homography import rerank_scores  # noqa: E402
+from model.features_extractor import PATCH_SIZE  # noqa: E402
+from model.rerank import rerank_scores  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)

@@ -34,9 +34,9 @@ from model.checkpoints import (
     load_features_extractor,
     load_homography_regression,
     load_state_dict_file,
-    replaced_atomically,
     save_state_dict,
 )
+from model.files import replaced_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 RESIZE = ("--resize", "64", "64")
