@@ -12,24 +12,21 @@ OpenCV is optional (the project does not depend on it): without it only the timi
 of kornia's RANSAC are printed. With it, it also prints how often OpenCV agrees with itself when the same matches
 are given in another order (its random samples change), the natural spread of k to compare against.
 
-    python benchmarks/bench_ransac.py [--cases 300] [--threads 2]
+    python -m benchmarks.bench_ransac [--cases 300] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.geometry import keypoints  # noqa: E402
-from model.matching import matched_keypoints  # noqa: E402
-from model.ransac import RANSAC_THRESHOLD, find_homography_ransac  # noqa: E402
+from model.geometry import keypoints
+from model.matching import matched_keypoints
+from model.ransac import RANSAC_THRESHOLD, find_homography_ransac
 
 try:
     import cv2
