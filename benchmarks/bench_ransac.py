@@ -1,4 +1,4 @@
-"""How closely the batched RANSAC of model.homography reproduces OpenCV's inlier count k, and how fast it is.
+"""How closely the batched RANSAC of model.ransac reproduces OpenCV's inlier count k, and how fast it is.
 
 The REI loss averages the k smallest reprojection errors, where the original took k from
 ``cv2.findHomography(query_kps, cand_kps, cv2.RANSAC, 24)``. This compares k on match sets like the ones the loss
@@ -95,7 +95,7 @@ def opencv_k(src: np.ndarray, dst: np.ndarray) -> int:
 
 
 def batched_k(cases: list[tuple[np.ndarray, np.ndarray]], seed: int, **kwargs) -> np.ndarray:
-    """k of every case by model.homography.find_homography_ransac, all cases in one batch."""
+    """k of every case by model.ransac.find_homography_ransac, all cases in one batch."""
     num = max(len(src) for src, _ in cases)
     src = torch.zeros(len(cases), num, 2)
     dst = torch.zeros(len(cases), num, 2)

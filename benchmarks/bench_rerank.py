@@ -7,7 +7,7 @@ re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
    (b) per pair, as the original's test.py: the head (its nn.TransformerEncoder modules, as the original ran
        them) on chunks of 32 pairs, then a Python loop over the candidates with a ``nonzero`` per pair, numpy
        keypoints and CPU round trips;
-   (a) ours: ``model.homography.rerank_scores`` (correlation -> head -> DLT -> inlier count, all pairs of a pass
+   (a) ours: ``model.rerank.rerank_scores`` (correlation -> head -> DLT -> inlier count, all pairs of a pass
        at once) at each ``--pass_sizes``, queries filling the passes; on CPU also with the head's linears on
        aten's kernels (``model.dhe.set_cpu_kernels("aten")``: MKL's sgemm) instead of the automatic choice;
    (c) (a) with the head under autocast (bf16; fp16 on GPUs without bf16): the ``--amp`` path.
