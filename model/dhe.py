@@ -59,7 +59,8 @@ class HomographyRegression(nn.Module):
     plus a learnable positional embedding `pe` (1, h*w, h*w). Two stacked 3-layer post-norm transformer encoders
     (`encoder`, `encoder2`; GELU, feed-forward 2048, no dropout); the output is encoder2(e) + e with e = encoder(x),
     then a linear layer `linear` (h*w * h*w -> 16). Rows 0-3 are points in the query image, rows 4-7 their
-    correspondences in the candidate image.
+    correspondences in the candidate image. `grid_size` is (h, w) = resize / `patch_size` (the backbone's
+    `PATCH_SIZE`, 16 pixels), `d_model` is h*w.
 
     Args:
         resize: (H, W) of the images, each a multiple of 16.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import kornia
 import torch
+import torch.nn.functional as F
 
 from model import HomographyRegression
 from model.checkpoints import save_state_dict
@@ -23,7 +24,7 @@ def save_identity_head(path: Path, size: int) -> None:
     save_state_dict(head, path)
 
 
-# --- model: homographies and seeded generators (tests of model.geometry, matching, ransac and rerank) ---------------
+# --- model: homographies, seeded generators and textures (tests of model.geometry, matching, ransac, rerank, util)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -38,3 +39,20 @@ def translation(dx: float, dy: float) -> torch.Tensor:
 def apply_homography(H: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """(B, 3, 3) homographies applied to (B, N, 2) points -> (B, N, 2)."""
     return kornia.geometry.transform_points(H, points)
+
+
+def smooth_texture(size: int, generator: torch.Generator) -> torch.Tensor:
+    """(1, 3, size, size) sum of bicubically upsampled noise at several scales."""
+    octaves = [(6, 1.0), (12, 0.7), (24, 0.5), (48, 0.3)]
+    return sum(
+        amplitude * F.interpolate(torch.rand(1, 3, res, res, generator=generator), size=(size, size), mode="bicubic")
+        for res, amplitude in octaves
+    )
+
+
+def patch_descriptors(images: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 48, H/16, W/16): each 16x16 patch as 4x4 average colours, centred and L2-normalised."""
+    cells = F.avg_pool2d(images, patch_size // 4)
+    b, c, h, w = cells.shape
+    cells = cells.view(b, c, h // 4, 4, w // 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 16, h // 4, w // 4)
+    return F.normalize(cells - cells.mean(dim=1, keepdim=True), dim=1)

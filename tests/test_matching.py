@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import normalise_uint8, reference_features_extractor, reference_homography_regression
-from helpers import seeded, translation
+from helpers import patch_descriptors, seeded, smooth_texture, translation
 
 from model.geometry import points_to_homography
 from model.matching import inlier_scores, matched_keypoints, mutual_nearest_neighbours, rei_loss
@@ -248,23 +248,6 @@ def test_gradient_is_finite_at_zero_distance(device):
 
 
 # --- a constructed case: a texture, warped copies and distractors ----------------------------------------------------
-
-
-def smooth_texture(size: int, generator: torch.Generator) -> torch.Tensor:
-    """(1, 3, size, size) sum of bicubically upsampled noise at several scales."""
-    octaves = [(6, 1.0), (12, 0.7), (24, 0.5), (48, 0.3)]
-    return sum(
-        amplitude * F.interpolate(torch.rand(1, 3, res, res, generator=generator), size=(size, size), mode="bicubic")
-        for res, amplitude in octaves
-    )
-
-
-def patch_descriptors(images: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 48, H/16, W/16): each 16x16 patch as 4x4 average colours, centred and L2-normalised."""
-    cells = F.avg_pool2d(images, patch_size // 4)
-    b, c, h, w = cells.shape
-    cells = cells.view(b, c, h // 4, 4, w // 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 16, h // 4, w // 4)
-    return F.normalize(cells - cells.mean(dim=1, keepdim=True), dim=1)
 
 
 def test_constructed_case_ranks_the_warped_copies_first(device):

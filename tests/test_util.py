@@ -90,7 +90,7 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
     """A texture, a perspective-warped copy ranked third by the global stage, and distractors: a DHE head that
     predicts the copy's true corner correspondences re-ranks it first."""
     import kornia
-    from test_homography import patch_descriptors, seeded, smooth_texture
+    from helpers import patch_descriptors, seeded, smooth_texture
 
     from model import HomographyRegression
 
