@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from commons import resolve_device
-from model.dhe import PATCH_SIZE
+from model.features_extractor import PATCH_SIZE
 from tools.vg_names import NAME_PATTERN, parse_note, parse_utm
 from util import extract_features, search
 

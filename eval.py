@@ -26,7 +26,7 @@ import util
 import visualize
 from datasets_ws import BaseDataset
 from model import FeaturesExtractor
-from model.dhe import compile_head
+from model.precision import compile_head
 
 NUM_CROPS = 5  # five_crops, nearest_crop and maj_voting describe each query by five square crops
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import commons
 import parser as flags
 from deploy.onnx_export import DEFAULT_OPSET, check_exported, export_models, require_onnx
-from model.dhe import PATCH_SIZE
+from model.features_extractor import PATCH_SIZE
 
 TOLERANCE = 1e-4
 """Largest relative difference (max |onnx - torch| / max |torch|) of any output that the export accepts."""

@@ -31,8 +31,10 @@ import eval as evaluation
 import training
 from datasets_ws import BaseDataset, TripletsDataset, collate_fn
 from model import compute_similarity
-from model.checkpoints import replaced_atomically, save_state_dict
-from model.homography import points_to_homography, rei_loss
+from model.checkpoints import save_state_dict
+from model.files import replaced_atomically
+from model.geometry import points_to_homography
+from model.matching import rei_loss
 from train_dhe import SGD_MOMENTUM, SGD_WEIGHT_DECAY, dlt_weights
 
 BEST_FILES = ("best_features_extractor.torch", "best_homography_regression.torch")

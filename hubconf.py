@@ -50,8 +50,8 @@ _check_own_modules_are_free()
 from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402 - after the check above
 from model import FeaturesExtractor, HomographyRegression  # noqa: E402 - after the check above
 from model.checkpoints import load_features_extractor, load_homography_regression  # noqa: E402 - after the check above
-from model.dhe import PATCH_SIZE  # noqa: E402 - after the check above
-from model.homography import rerank_order, rerank_scores  # noqa: E402 - after the check above
+from model.features_extractor import PATCH_SIZE  # noqa: E402 - after the check above
+from model.rerank import rerank_order, rerank_scores  # noqa: E402 - after the check above
 
 dependencies = ["torch", "torchvision", "timm", "kornia", "numpy", "PIL", "sklearn", "faiss"]
 

@@ -14,7 +14,8 @@ import os
 from collections.abc import Sequence
 
 from commons import check_exp_name
-from model.dhe import COMPILE_MODES, PATCH_SIZE
+from model.features_extractor import PATCH_SIZE
+from model.precision import COMPILE_MODES
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
 MAX_COUNT = 2**31 - 1  # counts, sizes and distances: anything larger is a typo, and overflows faiss or sklearn

@@ -28,7 +28,8 @@ import training
 from datasets_ws import BaseDataset, QueryPositivePairs
 from model import compute_similarity
 from model.checkpoints import save_state_dict
-from model.homography import points_to_homography, rei_loss
+from model.geometry import points_to_homography
+from model.matching import rei_loss
 
 LOG_PERIOD = 500  # the original's loss lines: every 500 iterations
 SAVE_PERIOD = 10  # the original saves the head when epoch % 10 == 9

@@ -40,8 +40,9 @@ from tqdm import tqdm
 import commons
 import distributed
 import util
-from model.checkpoints import CheckpointMismatchError, load_state_dict_file, replaced_atomically, save_atomically
-from model.homography import amp_autocast, amp_dtype
+from model.checkpoints import CheckpointMismatchError, load_state_dict_file
+from model.files import replaced_atomically, save_atomically
+from model.precision import amp_autocast, amp_dtype
 
 __all__ = [
     "TrainingError",
@@ -79,7 +80,7 @@ class NonFiniteLossError(TrainingError):
 
 
 # ------------------------------------------------------------------------------------------------- mixed precision
-# amp_dtype and autocast (= model.homography.amp_autocast) are the re-ranking's: one precision policy for all.
+# amp_dtype and autocast (= model.precision.amp_autocast) are the re-ranking's: one precision policy for all.
 autocast = amp_autocast
 
 

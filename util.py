@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from interrupts import raise_if_interrupted, worker_init
-from model.checkpoints import replaced_atomically
-from model.homography import rerank_order as _rerank_order
+from model.files import replaced_atomically
+from model.rerank import rerank_order as _rerank_order
 
 __all__ = [
     "LocalFeatureStore",
@@ -436,7 +436,7 @@ def rerank_predictions(
         (`argsort()[::-1]` of the scores), except when every score of a query ties (e.g. all 0: a grid too small
         for 4 matches): that query keeps its global order, with a warning, instead of getting it reversed.
     """
-    from model.homography import score_pairs
+    from model.rerank import score_pairs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

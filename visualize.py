@@ -25,13 +25,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datasets_ws import BaseDataset, open_rgb_image
-from model.checkpoints import replaced_atomically
-from model.homography import (
-    SCORE_THRESHOLD,
-    matched_keypoints,
-    predict_homographies,
-    reprojection_distances,
-)
+from model.files import replaced_atomically
+from model.geometry import reprojection_distances
+from model.matching import SCORE_THRESHOLD, matched_keypoints
+from model.rerank import predict_homographies
 from util import LocalFeatureStore
 
 __all__ = [

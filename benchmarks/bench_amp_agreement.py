@@ -1,6 +1,6 @@
 """Does `--amp` change the re-ranking? Top-1 after re-ranking in fp32 vs amp on the synthetic test split.
 
-    python benchmarks/bench_amp_agreement.py [--datasets_folder datasets_vg/datasets --dataset_name synthetic]
+    python -m benchmarks.bench_amp_agreement [--datasets_folder datasets_vg/datasets --dataset_name synthetic]
 
 The world is generated first if missing (synthetic.py defaults). Models: the features extractor and DHE head with
 seeded random weights, the head's output bias spread over the image corners (so that it predicts well-posed
@@ -12,7 +12,6 @@ query are re-ranked twice, in fp32 and with the head under bf16 autocast, throug
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,15 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_rerank import head_with_spread_corners  # noqa: E402
-
-import commons  # noqa: E402
-import util  # noqa: E402
-from datasets_ws import BaseDataset  # noqa: E402
-from model import FeaturesExtractor  # noqa: E402
-from tools.synthetic.world import generate_world  # noqa: E402
+import commons
+import util
+from datasets_ws import BaseDataset
+from model import FeaturesExtractor, HomographyRegression
+from model.dhe import init_spread_corners_
+from tools.synthetic.world import generate_world
 
 
 def main() -> None:
@@ -53,7 +49,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     features_extractor = FeaturesExtractor(resize=resize).eval().to(device)
-    head = head_with_spread_corners(resize, seed=None).to(device)  # drawn after the features extractor's weights
+    # drawn after the features extractor's weights
+    head = init_spread_corners_(HomographyRegression(resize=resize).eval()).to(device)
 
     num_queries = dataset.queries_num if args.max_queries is None else min(args.max_queries, dataset.queries_num)
     query_indexes = list(range(dataset.database_num, dataset.database_num + num_queries))

@@ -1,7 +1,7 @@
 """Peak resident memory of `eval.py` for two database sizes, against holding every fp32 local map in RAM.
 
-    python benchmarks/bench_eval_memory.py                    # 250 and 1000 database images at --resize 192 192
-    python benchmarks/bench_eval_memory.py --in_memory_mb 32  # also with 32 MB of local features kept in RAM
+    python -m benchmarks.bench_eval_memory                    # 250 and 1000 database images at --resize 192 192
+    python -m benchmarks.bench_eval_memory --in_memory_mb 32  # also with 32 MB of local features kept in RAM
 
 Each size is a synthetic world (synthetic.py) evaluated by `eval.py` in a fresh process, whose peak RSS
 (ru_maxrss) is read at its end. The growth per database image between the two sizes is what the database costs;
@@ -18,10 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.synthetic.world import generate_world
 
-from tools.synthetic.world import generate_world  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import resource, sys

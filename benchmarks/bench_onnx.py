@@ -8,8 +8,8 @@ pairs/s of what stays outside the graph (``rerank_from_points``: DLT, inlier cou
 ``--rounds`` times, interleaved (torch, onnxruntime, torch, ...) so that load from other processes hits them alike;
 the best round counts, the median is printed too. The outputs of each pair of runs are compared as well.
 
-    python benchmarks/bench_onnx.py --quick     # 128 x 128, under a minute on 2 CPUs
-    python benchmarks/bench_onnx.py             # 384 x 384, ~8 minutes on a loaded 2-CPU machine
+    python -m benchmarks.bench_onnx --quick     # 128 x 128, under a minute on 2 CPUs
+    python -m benchmarks.bench_onnx             # 384 x 384, ~8 minutes on a loaded 2-CPU machine
 """
 
 from __future__ import annotations
@@ -18,20 +18,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deploy import onnx_export  # noqa: E402
-from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
-from model.dhe import cpu_kernels  # noqa: E402
+from deploy import onnx_export
+from model import FeaturesExtractor, HomographyRegression, compute_similarity
+from model.dhe import cpu_kernels
 
 
 def cpu_name() -> str:

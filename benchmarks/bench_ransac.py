@@ -1,4 +1,4 @@
-"""How closely the batched RANSAC of model.homography reproduces OpenCV's inlier count k, and how fast it is.
+"""How closely the batched RANSAC of model.ransac reproduces OpenCV's inlier count k, and how fast it is.
 
 The REI loss averages the k smallest reprojection errors, where the original took k from
 ``cv2.findHomography(query_kps, cand_kps, cv2.RANSAC, 24)``. This compares k on match sets like the ones the loss
@@ -12,22 +12,21 @@ OpenCV is optional (the project does not depend on it): without it only the timi
 of kornia's RANSAC are printed. With it, it also prints how often OpenCV agrees with itself when the same matches
 are given in another order (its random samples change), the natural spread of k to compare against.
 
-    python benchmarks/bench_ransac.py [--cases 300] [--threads 2]
+    python -m benchmarks.bench_ransac [--cases 300] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.homography import RANSAC_THRESHOLD, find_homography_ransac, keypoints, matched_keypoints  # noqa: E402
+from model.geometry import keypoints
+from model.matching import matched_keypoints
+from model.ransac import RANSAC_THRESHOLD, find_homography_ransac
 
 try:
     import cv2
@@ -96,7 +95,7 @@ def opencv_k(src: np.ndarray, dst: np.ndarray) -> int:
 
 
 def batched_k(cases: list[tuple[np.ndarray, np.ndarray]], seed: int, **kwargs) -> np.ndarray:
-    """k of every case by model.homography.find_homography_ransac, all cases in one batch."""
+    """k of every case by model.ransac.find_homography_ransac, all cases in one batch."""
     num = max(len(src) for src, _ in cases)
     src = torch.zeros(len(cases), num, 2)
     dst = torch.zeros(len(cases), num, 2)

@@ -7,7 +7,7 @@ re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
    (b) per pair, as the original's test.py: the head (its nn.TransformerEncoder modules, as the original ran
        them) on chunks of 32 pairs, then a Python loop over the candidates with a ``nonzero`` per pair, numpy
        keypoints and CPU round trips;
-   (a) ours: ``model.homography.rerank_scores`` (correlation -> head -> DLT -> inlier count, all pairs of a pass
+   (a) ours: ``model.rerank.rerank_scores`` (correlation -> head -> DLT -> inlier count, all pairs of a pass
        at once) at each ``--pass_sizes``, queries filling the passes; on CPU also with the head's linears on
        aten's kernels (``model.dhe.set_cpu_kernels("aten")``: MKL's sgemm) instead of the automatic choice;
    (c) (a) with the head under autocast (bf16; fp16 on GPUs without bf16): the ``--amp`` path.
@@ -18,8 +18,8 @@ re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
    stage (reading the local features, the head, DLT, scoring, sorting) against the kernel's rate at the same size
    and pass size, as a fraction.
 
-    python benchmarks/bench_rerank.py --quick            # CPU, a few minutes: 2 queries at 384, e2e at 128 x 128
-    python benchmarks/bench_rerank.py --device cuda      # GPU: 16 queries at 384, e2e 500 queries at 384
+    python -m benchmarks.bench_rerank --quick            # CPU, a few minutes: 2 queries at 384, e2e at 128 x 128
+    python -m benchmarks.bench_rerank --device cuda      # GPU: 16 queries at 384, e2e 500 queries at 384
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,14 +40,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import commons  # noqa: E402
-import datasets_ws  # noqa: E402
-import util  # noqa: E402
-from model import FeaturesExtractor, HomographyRegression, compute_similarity, dhe  # noqa: E402
-from model.dhe import PATCH_SIZE  # noqa: E402
-from model.homography import rerank_scores  # noqa: E402
+import commons
+import datasets_ws
+import util
+from model import FeaturesExtractor, HomographyRegression, compute_similarity, dhe
+from model.dhe import init_spread_corners_
+from model.features_extractor import PATCH_SIZE
+from model.precision import COMPILE_MODES
+from model.rerank import rerank_scores
 
 IMAGENET_MEAN = torch.tensor(datasets_ws.IMAGENET_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(datasets_ws.IMAGENET_STD).view(1, 3, 1, 1)
@@ -201,20 +200,6 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} CPUs; {', '.join(extras) or 'no AVX-512'})"
 
 
-def head_with_spread_corners(resize: tuple[int, int], seed: int | None) -> HomographyRegression:
-    """A random-weight head in eval mode whose corners spread over the image, as a trained head's are; its weights
-    are drawn after `torch.manual_seed(seed)`, or from the global stream as it stands with `seed=None`."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    head = HomographyRegression(resize=resize).eval()
-    with torch.no_grad():
-        height, width = resize
-        corners = torch.tensor([[8, 8], [width - 8, 8], [8, height - 8], [width - 8, height - 8]], dtype=torch.float)
-        head.linear.bias.copy_(torch.cat([corners, corners]).flatten())
-        head.linear.weight.mul_(0.1)
-    return head
-
-
 def kernel_section(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Section 1; returns pairs/s of each variant."""
     start = time.perf_counter()
@@ -226,7 +211,8 @@ def kernel_section(args: argparse.Namespace, device: torch.device) -> dict[str, 
         f"\n1. kernel: {num_queries} queries x {num_candidates} candidates at {tuple(args.resize)}, local features "
         f"{tuple(local_q.shape[1:])} (extracted in {time.perf_counter() - start:.1f} s, not timed)"
     )
-    head = head_with_spread_corners(tuple(args.resize), args.seed).to(device)
+    torch.manual_seed(args.seed)
+    head = init_spread_corners_(HomographyRegression(resize=tuple(args.resize)).eval()).to(device)
     automatic = dhe.cpu_kernels()
 
     def ours(pass_size: int, amp: bool, kernels: str = "auto"):
@@ -306,7 +292,8 @@ def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
         )
         torch.manual_seed(args.seed)
         save_state_dict(FeaturesExtractor(resize=resize, trunc_te=args.e2e_trunc_te), temporary / "fe.torch")
-        head = head_with_spread_corners(resize, args.seed)
+        torch.manual_seed(args.seed)
+        head = init_spread_corners_(HomographyRegression(resize=resize).eval())
         save_state_dict(head, temporary / "hr.torch")
         print(f"world and checkpoints in {time.perf_counter() - start:.1f} s (not timed)")
         argv = ["--datasets_folder", str(temporary / "worlds"), "--dataset_name", "bench"]
@@ -390,7 +377,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--e2e_pass_size", type=int, default=None, help="end to end: --rerank_batch_size")
     parser.add_argument("--num_workers", type=int, default=2, help="end to end: eval.py's --num_workers")
-    parser.add_argument("--compile_head", default="none", choices=dhe.COMPILE_MODES, help="end to end: --compile_head")
+    parser.add_argument("--compile_head", default="none", choices=COMPILE_MODES, help="end to end: --compile_head")
     parser.add_argument("--skip_kernel", action="store_true", help="skip section 1")
     parser.add_argument("--skip_e2e", action="store_true", help="skip section 2")
     parser.add_argument("--batch_size", type=int, default=32, help="features extraction batch size (not timed)")

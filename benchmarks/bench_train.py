@@ -1,7 +1,7 @@
 """Training step time and peak memory, with and without --amp, for train_dhe.py and finetune.py.
 
-    python benchmarks/bench_train.py                       # 384 x 384, the scripts' default batches, --device auto
-    python benchmarks/bench_train.py --device cpu --steps 3 --resize 192 192
+    python -m benchmarks.bench_train                       # 384 x 384, the scripts' default batches, --device auto
+    python -m benchmarks.bench_train --device cpu --steps 3 --resize 192 192
 
 Each configuration runs in its own process (so that peak memory is its own): models at the defaults (CCT-14 cut to
 --trunc_te blocks, the DHE head), random images, the scripts' own loss functions (`train_dhe.head_loss`,
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
@@ -115,7 +114,8 @@ def main() -> None:
     for script in options.scripts:
         for precision in ("fp32", "amp"):
             output = subprocess.run(
-                [sys.executable, __file__, *passthrough, "--_one", script, precision],
+                [sys.executable, "-m", "benchmarks.bench_train", *passthrough, "--_one", script, precision],
+                cwd=ROOT,
                 capture_output=True,
                 text=True,
                 check=True,

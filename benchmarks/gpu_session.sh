@@ -47,10 +47,10 @@ cat "$OUT/gpu.txt"
 # name | seconds | command
 STEPS=(
     "pytest|200|$PYTHON -m pytest -q -x --device cuda -p no:cacheprovider"
-    "bench_rerank|240|$PYTHON benchmarks/bench_rerank.py --device cuda"
-    "bench_rerank_compiled|150|$PYTHON benchmarks/bench_rerank.py --device cuda --skip_kernel --compile_head reduce-overhead"
-    "bench_amp_agreement|120|$PYTHON benchmarks/bench_amp_agreement.py --device cuda"
-    "bench_train|90|$PYTHON benchmarks/bench_train.py --device cuda"
+    "bench_rerank|240|$PYTHON -m benchmarks.bench_rerank --device cuda"
+    "bench_rerank_compiled|150|$PYTHON -m benchmarks.bench_rerank --device cuda --skip_kernel --compile_head reduce-overhead"
+    "bench_amp_agreement|120|$PYTHON -m benchmarks.bench_amp_agreement --device cuda"
+    "bench_train|90|$PYTHON -m benchmarks.bench_train --device cuda"
 )
 status=0
 for step in "${STEPS[@]}"; do

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from model import FeaturesExtractor, HomographyRegression, compute_similarity
 from model.dhe import cpu_kernels, set_cpu_kernels
-from model.homography import inlier_scores, points_to_homography
+from model.geometry import points_to_homography
+from model.matching import inlier_scores
 from util import _rerank_order  # the one implementation of eval.py's order, ties included
 
 __all__ = [

@@ -3,7 +3,7 @@
 This file imports nothing but numpy, so that it can be copied beside the two .onnx files. It computes what
 `deploy.onnx_export.rerank_from_points` computes with the torch functions of `eval.py` (`points_to_homography`,
 `inlier_scores`, the tie ordering of `util.rerank_predictions`); tests/test_onnx_export.py checks that both give the
-same counts and orders. The conventions are those of `model.homography`: one keypoint per 16 x 16 patch at its
+same counts and orders. The conventions are those of `model.geometry`: one keypoint per 16 x 16 patch at its
 centre, positions row by row, homographies from query pixels to candidate pixels, inliers within 48 px.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PATCH_SIZE = 16  # pixels per local feature of the CCT backbone (model.dhe.PATCH_SIZE)
-SCORE_THRESHOLD = 3.0 * PATCH_SIZE  # inlier radius in pixels (model.homography.SCORE_THRESHOLD)
-MIN_MATCHES = 4  # fewer mutual matches score 0 (model.homography.MIN_MATCHES)
+PATCH_SIZE = 16  # pixels per local feature of the CCT backbone (model.features_extractor.PATCH_SIZE)
+SCORE_THRESHOLD = 3.0 * PATCH_SIZE  # inlier radius in pixels (model.matching.SCORE_THRESHOLD)
+MIN_MATCHES = 4  # fewer mutual matches score 0 (model.matching.MIN_MATCHES)
 
 
 def homographies_from_points(points: np.ndarray) -> np.ndarray:

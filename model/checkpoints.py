@@ -18,22 +18,18 @@ A checkpoint whose grid differs from the model's is refused, even when the numbe
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
-import os
 import pickle
 import re
-import resource
-import secrets
-import shutil
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from model.files import save_atomically
 
 __all__ = [
     "CheckpointMismatchError",
@@ -47,9 +43,6 @@ __all__ = [
     "load_features_extractor",
     "load_homography_regression",
     "save_state_dict",
-    "replaced_atomically",
-    "remove_stale_temporaries",
-    "save_atomically",
 ]
 
 _MAX_KEYS_SHOWN = 12
@@ -57,7 +50,6 @@ _POSITIONAL_KEYS = ("pe", "encoder.classifier.positional_emb")
 GRID_METADATA_KEY = "dhe_vpr_grid"
 # The original (and the benchmark's CCT) only ran at 384 x 384: a foreign file with 576 positions is 24 x 24.
 _ORIGINAL_GRID = (24, 24)
-_PATCH_SIZE = 16
 
 
 class CheckpointMismatchError(ValueError):
@@ -188,13 +180,15 @@ def checkpoint_grid(checkpoint: Mapping) -> tuple[int, int] | None:
 
 
 def _grid_note(module: nn.Module, grid: tuple[int, int] | None) -> str | None:
+    """Why a checkpoint made for the feature grid `grid` does not fit `module`, or None when it does (or when either
+    grid is unknown). The --resize of each grid comes from the module's own `patch_size` (pixels per position)."""
     model_grid = getattr(module, "grid_size", None)
     if grid is None or model_grid is None or tuple(grid) == tuple(model_grid):
         return None
-    (h, w), (mh, mw) = grid, model_grid
+    (h, w), (mh, mw), patch = grid, model_grid, module.patch_size
     return (
-        f"it was made for another --resize: a {h} x {w} feature grid (--resize {h * _PATCH_SIZE} {w * _PATCH_SIZE}), "
-        f"but the model's grid is {mh} x {mw} (--resize {mh * _PATCH_SIZE} {mw * _PATCH_SIZE}); pass the --resize "
+        f"it was made for another --resize: a {h} x {w} feature grid (--resize {h * patch} {w * patch}), "
+        f"but the model's grid is {mh} x {mw} (--resize {mh * patch} {mw * patch}); pass the --resize "
         "it was made for"
     )
 
@@ -346,119 +340,3 @@ def save_state_dict(module: nn.Module, path: str | Path) -> None:
     if grid is not None:
         state_dict._metadata[""][GRID_METADATA_KEY] = (int(grid[0]), int(grid[1]))
     save_atomically(state_dict, path)
-
-
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .<name>.<pid>.<random>.tmp
-
-
-def _process_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files of `replaced_atomically` in `folder` whose process no longer exists (killed by
-    SIGKILL or the out-of-memory killer in the middle of a write); returns them. Live writers' files are left."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in Path(folder).iterdir():
-            match = _TEMPORARY.match(entry.name)
-            if match and int(match.group(1)) != os.getpid() and not _process_is_alive(int(match.group(1))):
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed.append(entry)
-    return removed
-
-
-def _tensor_bytes(obj: object) -> int:
-    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): about the size `torch.save` writes."""
-    if isinstance(obj, Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _write_error(path: Path, temporary: Path, error: BaseException, needed: int | None) -> OSError | None:
-    """A one-line OSError naming `path`, the bytes and what to do when writing it failed for want of space or by
-    the file-size limit (RLIMIT_FSIZE, `ulimit -f`); None when `error` is something else. torch.save reports both as
-    a RuntimeError without errno, so the disk and the limit are checked after the fact."""
-    written = temporary.stat().st_size if temporary.exists() else 0
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    number = getattr(error, "errno", None)
-    size = f"{needed} bytes to write" if needed else "its bytes"
-    if number == errno.EFBIG or (
-        limit != resource.RLIM_INFINITY and (written >= limit or (needed is not None and needed >= limit))
-    ):
-        reason = f"the file-size limit of this process is {limit} bytes (ulimit -f)"
-        advice = "raise the limit (ulimit -f unlimited) and run again"
-    elif number in (errno.ENOSPC, errno.EDQUOT) or (free is not None and needed is not None and free < needed):
-        reason = f"no space left on the device ({free} bytes free in {path.parent}"
-        reason += ", or a disk quota)" if number == errno.EDQUOT else ")"
-        advice = "free some space there, or write elsewhere (--exp_name, another working folder), and run again"
-    elif isinstance(error, RuntimeError) and re.search(r"unexpected pos|file write failed", str(error)):
-        # torch's writer lost bytes for a reason it does not say: a disk quota, a network file system, a full disk
-        # that freed up since
-        reason = f"the write failed ({str(error).strip().splitlines()[0]})"
-        advice = (
-            f"check the free space ({free} bytes), the disk quota (quota -s) and the file-size limit (ulimit -f) "
-            f"of {path.parent}, and run again"
-        )
-    else:
-        return None
-    clear = OSError(
-        f"cannot write {path}: {reason}, {size}, {written} written when it failed; {advice}. The previous "
-        f"{path.name}, if any, is unchanged and no temporary file is left"
-    )
-    clear.errno = number or errno.ENOSPC
-    return clear
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
-    """A temporary file next to `path` to write; when the block ends normally it replaces `path` (a rename), and on
-    any exception it is removed: a crash or an interruption never leaves a partial `path` nor the temporary file.
-
-    The temporary file (a hidden name with the process id and a random part, so concurrent writers never share one)
-    is created empty with mode 0o666 minus the umask (not mkstemp's 0o600), so the result has the permissions any new
-    file would get. Temporary files of processes that no longer exist (killed by SIGKILL mid-write) in the same folder
-    are removed first. A full disk or the file-size limit raises an OSError that names `path` and the bytes
-    (`expected_bytes`, when the caller knows them).
-    """
-    path = Path(path)
-    remove_stale_temporaries(path.parent)
-    while True:
-        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException as error:
-        clear = _write_error(path, temporary, error, expected_bytes) if isinstance(error, Exception) else None
-        temporary.unlink(missing_ok=True)
-        if clear is not None:
-            raise clear from error
-        raise
-
-
-def save_atomically(obj: object, path: str | Path) -> None:
-    """`torch.save(obj)` to `path` through `replaced_atomically` (creating its folder if needed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_atomically(path, _tensor_bytes(obj)) as temporary:
-        torch.save(obj, temporary)

@@ -9,18 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.features_extractor import PATCH_SIZE
+
 __all__ = [
     "HomographyRegression",
     "compute_similarity",
     "attention_heads",
+    "init_spread_corners_",
     "set_cpu_kernels",
     "cpu_kernels",
-    "compile_head",
-    "COMPILE_MODES",
 ]
-
-PATCH_SIZE = 16
-"""Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
 
 
 def compute_similarity(features_a: Tensor, features_b: Tensor) -> Tensor:
@@ -61,7 +59,8 @@ class HomographyRegression(nn.Module):
     plus a learnable positional embedding `pe` (1, h*w, h*w). Two stacked 3-layer post-norm transformer encoders
     (`encoder`, `encoder2`; GELU, feed-forward 2048, no dropout); the output is encoder2(e) + e with e = encoder(x),
     then a linear layer `linear` (h*w * h*w -> 16). Rows 0-3 are points in the query image, rows 4-7 their
-    correspondences in the candidate image.
+    correspondences in the candidate image. `grid_size` is (h, w) = resize / `patch_size` (the backbone's
+    `PATCH_SIZE`, 16 pixels), `d_model` is h*w.
 
     Args:
         resize: (H, W) of the images, each a multiple of 16.
@@ -76,6 +75,7 @@ class HomographyRegression(nn.Module):
             raise ValueError(
                 f"HomographyRegression resize {tuple(resize)}: each side must be a positive multiple of {PATCH_SIZE}"
             )
+        self.patch_size = PATCH_SIZE
         self.grid_size = (height // PATCH_SIZE, width // PATCH_SIZE)
         d_model = self.grid_size[0] * self.grid_size[1]
         self.d_model = d_model
@@ -107,6 +107,23 @@ class HomographyRegression(nn.Module):
         encoded = _encode(self.encoder, sequence)
         encoded = _encode(self.encoder2, encoded) + encoded
         return self.linear(encoded.transpose(1, 2).reshape(batch, -1)).reshape(batch, 8, 2)
+
+
+def init_spread_corners_(head: HomographyRegression) -> HomographyRegression:
+    """Make a random-weight head predict well-posed homographies, as a trained head does, in place: its output bias
+    becomes the patch-centre corners of the image (the identity homography) and its output weight is scaled by 0.1,
+    so the predicted corners spread over the image. Returns `head` (for benchmarks and tests without trained weights).
+    """
+    height, width = (size * head.patch_size for size in head.grid_size)
+    half = head.patch_size // 2
+    with torch.no_grad():
+        corners = torch.tensor(
+            [[half, half], [width - half, half], [half, height - half], [width - half, height - half]],
+            dtype=torch.float,
+        )
+        head.linear.bias.copy_(torch.cat([corners, corners]).flatten())
+        head.linear.weight.mul_(0.1)
+    return head
 
 
 def _encode(encoder: nn.TransformerEncoder, x: Tensor) -> Tensor:
@@ -215,52 +232,3 @@ def _onednn_dtype(x: Tensor) -> torch.dtype | None:
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return dtype if dtype in (torch.float32, torch.bfloat16) else None
-
-
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-"""`--compile_head` values: no compilation, or a `torch.compile` mode ("reduce-overhead" adds CUDA graphs)."""
-
-
-def compile_head(
-    head: HomographyRegression, mode: str, batch_size: int, device: torch.device, amp: bool = False
-) -> nn.Module:
-    """`torch.compile(head, mode=mode)` for inference on `device`, checked on one pass of `batch_size` pairs.
-
-    The compiled head is run once on random (batch_size, h*w, h, w) correlations (under autocast with `amp`, as
-    `score_pairs` runs it; this compiles the full-pass shape) and its points compared with the eager head's;
-    where compilation fails (no Triton or C++ compiler, an unsupported op) or the points differ by more than
-    rounding, a warning says why and the eager head is returned. "none" returns `head` as it is. Each distinct
-    pass size compiles once (the last pass of a run is usually shorter); "reduce-overhead" records a CUDA graph
-    per size.
-    """
-    import logging
-
-    from model.homography import amp_autocast  # model.homography imports this module
-
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-    if mode == "none":
-        return head
-    generator = torch.Generator().manual_seed(0)
-    example = torch.rand(batch_size, head.d_model, *head.grid_size, generator=generator).to(device)
-    example = F.normalize(example, dim=1)
-    try:
-        compiled = torch.compile(head, mode=mode, dynamic=False)
-        with torch.inference_mode(), amp_autocast(device, amp):
-            expected = head(example).float()
-            points = compiled(example).float()
-    except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the eager head, with a warning
-        logging.warning(f"torch.compile of the DHE head (mode {mode}) failed, running it eagerly: {error!r}")
-        return head
-    # Pixels of the resized image. With amp the points are bf16 (or fp16) themselves: one unit in the last place is
-    # 2 px between 256 and 512, and two fusions of the same sums may round differently.
-    tolerance = 4.0 if amp else 0.05
-    difference = (points - expected).abs().max().item()
-    if not difference <= tolerance:
-        logging.warning(
-            f"torch.compile of the DHE head (mode {mode}) gives points {difference:.3g} px away from the eager "
-            f"head's (tolerance {tolerance} px), running it eagerly"
-        )
-        return head
-    logging.info(f"DHE head compiled with torch.compile (mode {mode}); points within {difference:.2g} px of eager")
-    return compiled

@@ -10,7 +10,10 @@ from torch import Tensor, nn
 
 from model.cct import CCT, load_pretrained_cct
 
-__all__ = ["FeaturesExtractor", "GeM", "L2Norm", "Flatten", "gem"]
+__all__ = ["PATCH_SIZE", "FeaturesExtractor", "GeM", "L2Norm", "Flatten", "gem"]
+
+PATCH_SIZE = 16
+"""Pixels per token of the CCT-14/7x2 backbone (two stride-2 convolutions, each followed by a stride-2 pooling)."""
 
 
 def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:

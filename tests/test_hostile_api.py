@@ -20,9 +20,9 @@ from model.checkpoints import (
     NotACheckpointError,
     load_features_extractor,
     load_homography_regression,
-    save_atomically,
     save_state_dict,
 )
+from model.files import save_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -22,13 +22,9 @@ import finetune
 import parser as flags
 import train_dhe
 import training
-from model.homography import (
-    RANSAC_THRESHOLD,
-    find_homography_ransac,
-    matched_keypoints,
-    rei_loss,
-    reprojection_distances,
-)
+from model.geometry import reprojection_distances
+from model.matching import matched_keypoints, rei_loss
+from model.ransac import RANSAC_THRESHOLD, find_homography_ransac
 from tools.synthetic.world import generate_world
 
 SIZE = 32

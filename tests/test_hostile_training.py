@@ -18,7 +18,7 @@ import torch
 import finetune
 import train_dhe
 import training
-from model import FeaturesExtractor, checkpoints
+from model import FeaturesExtractor, checkpoints, files
 from tools.synthetic.world import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_keeps_the_last_
     world, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    save = checkpoints.torch.save
+    save = files.torch.save
     calls = []
 
     def disk_fills_up(obj, path):
@@ -117,8 +117,8 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_keeps_the_last_
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         save(obj, path)
 
-    monkeypatch.setattr(checkpoints.torch, "save", disk_fills_up)
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    monkeypatch.setattr(files.torch, "save", disk_fills_up)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
     message = run_failing(train_dhe.cli, [*data(world), *DHE, "--n_epochs", "2", "--exp_name", "full"], capsys)
     (folder,) = (tmp_path / "logs" / "full").iterdir()
     folder = folder.relative_to(tmp_path)
@@ -132,11 +132,11 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_keeps_the_last_
 
 def test_the_file_size_limit_while_saving_is_one_line_and_keeps_the_previous_file(tmp_path):
     path = tmp_path / "homography_regression_000.torch"
-    checkpoints.save_atomically({"small": torch.zeros(10)}, path)
+    files.save_atomically({"small": torch.zeros(10)}, path)
     before = path.read_bytes()
     script = f"""
         import resource, torch
-        from model.checkpoints import save_atomically
+        from model.files import save_atomically
         resource.setrlimit(resource.RLIMIT_FSIZE, (100000, resource.RLIM_INFINITY))
         try:
             save_atomically({{"big": torch.zeros(100000)}}, {str(path)!r})
@@ -158,7 +158,7 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     path = tmp_path / "last_checkpoint.pth"
     script = f"""
         import os, signal
-        from model.checkpoints import replaced_atomically
+        from model.files import replaced_atomically
         with replaced_atomically({str(path)!r}) as temporary:
             temporary.write_bytes(b"half")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -167,7 +167,7 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     completed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=environment, timeout=120)
     assert completed.returncode == -signal.SIGKILL
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1  # what SIGKILL leaves
-    checkpoints.save_atomically({"weights": torch.zeros(3)}, path)
+    files.save_atomically({"weights": torch.zeros(3)}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -315,9 +315,9 @@ def test_a_write_that_torch_reports_without_a_reason_is_one_line_that_says_what_
         Path(temporary).write_bytes(b"x" * 100)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr(checkpoints.torch, "save", quota_exceeded)
+    monkeypatch.setattr(files.torch, "save", quota_exceeded)
     with pytest.raises(OSError, match=r"cannot write .*last_checkpoint.pth: the write failed \(\[enforce fail"):
-        checkpoints.save_atomically({"weights": torch.zeros(3)}, path)
+        files.save_atomically({"weights": torch.zeros(3)}, path)
     assert list(tmp_path.iterdir()) == []
 
 

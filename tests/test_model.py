@@ -340,27 +340,6 @@ def test_cpu_kernels_choice(cpu_kernels_restored):
         dhe.set_cpu_kernels("mkl")
 
 
-def test_compile_head_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
-    head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval()
-    assert dhe.compile_head(head, "none", 2, torch.device("cpu")) is head
-    with pytest.raises(ValueError, match="compile mode 'fast'"):
-        dhe.compile_head(head, "fast", 2, torch.device("cpu"))
-
-    def failing_compile(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(torch, "compile", failing_compile)
-    assert dhe.compile_head(head, "default", 2, torch.device("cpu")) is head
-    assert "failed, running it eagerly: RuntimeError('no compiler here')" in caplog.text
-
-    def wrong_compile(module, **kwargs):
-        return lambda x: module(x) + 1.0  # a "compiled" head one pixel off
-
-    monkeypatch.setattr(torch, "compile", wrong_compile)
-    assert dhe.compile_head(head, "reduce-overhead", 2, torch.device("cpu")) is head
-    assert "gives points 1 px away from the eager head's (tolerance 0.05 px), running it eagerly" in caplog.text
-
-
 def test_cached_bf16_weights_follow_loaded_weights(cpu_kernels_restored):
     """The oneDNN bf16 path caches the casts of the weights; loading other weights must invalidate them."""
     dhe.set_cpu_kernels("onednn")

@@ -25,7 +25,7 @@ from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402
 from deploy import onnx_export, rerank_numpy  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.checkpoints import load_features_extractor, load_homography_regression, save_state_dict  # noqa: E402
-from model.homography import score_pairs  # noqa: E402
+from model.rerank import score_pairs  # noqa: E402
 from tools.synthetic import world as synthetic_world  # noqa: E402
 
 SIZE = 64
@@ -189,7 +189,8 @@ def test_rerank_from_points_scores_as_score_pairs_and_orders_ties_as_eval(models
 
 
 def test_numpy_homographies_and_counts_equal_torch():
-    from model.homography import inlier_scores, points_to_homography
+    from model.geometry import points_to_homography
+    from model.matching import inlier_scores
 
     generator = torch.Generator().manual_seed(1)
     corners = torch.tensor([[8, 8], [SIZE - 8, 8], [8, SIZE - 8], [SIZE - 8, SIZE - 8]], dtype=torch.float32)

@@ -33,9 +33,9 @@ from model.checkpoints import (
     load_features_extractor,
     load_homography_regression,
     load_state_dict_file,
-    replaced_atomically,
     save_state_dict,
 )
+from model.files import replaced_atomically
 from tools.synthetic import cli as synthetic_cli
 from tools.synthetic import world as synthetic_world
 

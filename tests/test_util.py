@@ -90,7 +90,7 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
     """A texture, a perspective-warped copy ranked third by the global stage, and distractors: a DHE head that
     predicts the copy's true corner correspondences re-ranks it first."""
     import kornia
-    from test_homography import patch_descriptors, seeded, smooth_texture
+    from helpers import patch_descriptors, seeded, smooth_texture
 
     from model import HomographyRegression
 
@@ -121,7 +121,7 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_reranking_groups_queries_and_orders_ties_as_the_original(tmp_path, batch_size):
     from model import HomographyRegression
-    from model.homography import rerank_scores
+    from model.rerank import rerank_scores
 
     generator = torch.Generator().manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(9, 16, 4, 4, generator=generator), dim=1)
@@ -185,7 +185,7 @@ def test_overlapped_and_in_memory_reranking_equal_the_file_path(tmp_path, batch_
     nothing: the passes are the same pairs, so the same kernels run on the same fp16 values, and the scores and
     rankings are equal, bit for bit, to the file path read in the main thread and to `rerank_scores`."""
     from model import HomographyRegression
-    from model.homography import rerank_scores
+    from model.rerank import rerank_scores
 
     torch.manual_seed(0)
     head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval()

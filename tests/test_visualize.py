@@ -135,7 +135,7 @@ def test_match_geometry_counts_the_rerank_score():
     head = HomographyRegression(resize=(64, 64)).eval()
     local_q = torch.nn.functional.normalize(torch.randn(3, 8, 4, 4), dim=1)
     local_c = torch.nn.functional.normalize(local_q + 0.3 * torch.randn(3, 8, 4, 4), dim=1)
-    from model.homography import rerank_scores
+    from model.rerank import rerank_scores
 
     scores = rerank_scores(head, local_q, local_c.unsqueeze(1)).squeeze(1)
     geometries = visualize.match_geometry(head, local_q, local_c)

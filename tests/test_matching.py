@@ -1,105 +1,19 @@
-"""Tests of model.homography: keypoints, DLT, mutual matches, inlier scores, REI loss and the batched RANSAC."""
+"""Tests of model.matching: mutual matches, inlier scores and the REI loss, against the original's reference."""
 
 from __future__ import annotations
 
 import math
 
 import kornia
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import normalise_uint8, reference_features_extractor, reference_homography_regression
+from helpers import patch_descriptors, seeded, smooth_texture, translation
 
-from model import HomographyRegression, compute_similarity
-from model.homography import _ransac_num_iters as ransac_num_iters
-from model.homography import (
-    amp_dtype,
-    find_homography_ransac,
-    inlier_scores,
-    keypoints,
-    matched_keypoints,
-    mutual_nearest_neighbours,
-    points_to_homography,
-    rei_loss,
-    reprojection_distances,
-    rerank_scores,
-)
-
-CORNERS = torch.tensor([[8.0, 8.0], [376.0, 8.0], [8.0, 376.0], [376.0, 376.0]])
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def translation(dx: float, dy: float) -> torch.Tensor:
-    return torch.tensor([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
-
-
-def apply(H: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    return kornia.geometry.transform_points(H, points)
-
-
-# --- keypoints -------------------------------------------------------------------------------------------------------
-
-
-def test_keypoints_default_grid():
-    kps = keypoints((24, 24))
-    assert kps.shape == (576, 2) and kps.dtype == torch.float32
-    assert kps[0].tolist() == [8, 8]
-    assert kps[1].tolist() == [24, 8]  # along a row first: index = row * w + col
-    assert kps[24].tolist() == [8, 24]
-    assert kps[-1].tolist() == [376, 376]
-    assert kps[5 * 24 + 7].tolist() == [8 + 7 * 16, 8 + 5 * 16]
-
-
-@pytest.mark.parametrize(("grid_hw", "image_hw"), [((12, 20), None), ((24, 24), (500, 333)), ((1, 3), (16, 50))])
-def test_keypoints_follow_numpy_int_linspace(grid_hw, image_hw):
-    h, w = grid_hw
-    H, W = image_hw if image_hw is not None else (h * 16, w * 16)
-    xs = np.linspace(8, W - 8, w, dtype=int)
-    ys = np.linspace(8, H - 8, h, dtype=int)
-    expected = np.stack([np.tile(xs, h), np.repeat(ys, w)], axis=1)
-    kps = keypoints(grid_hw, image_hw, dtype=torch.float64)
-    assert kps.dtype == torch.float64
-    np.testing.assert_array_equal(kps.numpy(), expected)
-
-
-# --- points_to_homography --------------------------------------------------------------------------------------------
-
-
-def test_points_to_homography_recovers_known_homographies(device):
-    H_true = torch.stack(
-        [
-            torch.tensor([[1.05, 0.03, -12.0], [-0.02, 1.0, 8.0], [1e-5, 2e-5, 1.0]]),
-            translation(20.0, -6.0),
-            torch.tensor([[0.9, -0.1, 30.0], [0.05, 1.1, -4.0], [-1e-4, 5e-5, 1.0]]),
-        ]
-    ).to(device)
-    query = CORNERS.to(device).expand(3, -1, -1)
-    points = torch.cat([query, apply(H_true, query)], dim=1)
-    H = points_to_homography(points)
-    assert H.shape == (3, 3, 3)
-    torch.testing.assert_close(H, H_true, rtol=1e-4, atol=1e-4)
-    # Equal weights, whatever their scale, give the same DLT.
-    weights = torch.full((3, 4), 0.3, device=device)
-    torch.testing.assert_close(points_to_homography(points, weights), H_true, rtol=1e-4, atol=1e-4)
-    assert H.device == points.device
-    # One pair alone gives the same as in the batch (to rounding: the batched solver may take other kernels).
-    torch.testing.assert_close(points_to_homography(points[1:2]), H[1:2])
-
-
-def test_points_to_homography_weights_and_shapes():
-    """Four correspondences fit exactly: their weights only scale the equations and leave the homography as is."""
-    points = torch.cat([CORNERS, CORNERS + torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, -3.0], [2.0, 2.0]])])[None]
-    weighted = points_to_homography(points, torch.tensor([[1.0, 1.0, 1.0, 5.0]]))
-    torch.testing.assert_close(weighted, points_to_homography(points), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"\(B, 8, 2\)"):
-        points_to_homography(points[:, :6])
-    with pytest.raises(ValueError, match="weights"):
-        points_to_homography(points, torch.ones(1, 3))
-
+from model.geometry import points_to_homography
+from model.matching import inlier_scores, matched_keypoints, mutual_nearest_neighbours, rei_loss
+from model.rerank import rerank_scores
 
 # --- mutual nearest neighbours ---------------------------------------------------------------------------------------
 
@@ -333,105 +247,7 @@ def test_gradient_is_finite_at_zero_distance(device):
     assert loss.item() == 0 and torch.isfinite(H.grad).all()
 
 
-def test_rerank_scores_batches_queries_and_chunks(device):
-    torch.manual_seed(0)
-    head = HomographyRegression(resize=(64, 64), num_layers=1, dim_feedforward=32).eval().to(device)
-    with torch.no_grad():  # spread the predicted corners over the 64x64 image
-        head.linear.weight.mul_(0.01)
-        head.linear.bias.copy_(torch.tensor([8, 8, 56, 8, 8, 56, 56, 56, 9, 7, 55, 9, 7, 57, 57, 55.0]))
-    generator = seeded()
-    local_q = F.normalize(torch.randn(2, 8, 4, 4, generator=generator), dim=1).to(device)
-    noise = 0.5 * torch.randn(2, 5, 8, 4, 4, generator=generator).to(device)
-    local_candidates = F.normalize(local_q[:, None] + noise, dim=2)
-    scores = rerank_scores(head, local_q, local_candidates, batch_size=3)
-    assert scores.shape == (2, 5) and scores.dtype == torch.float32 and scores.sum() > 0
-    assert scores.device == local_q.device
-    # Each pair is scored with its own query, whatever the chunking. The head may round differently with another
-    # batch size; a count can then move only by the matches that lie at the 48 px threshold to that rounding.
-    with torch.no_grad():
-        pairs_q = local_q.repeat_interleave(5, dim=0)
-        pairs_c = local_candidates.flatten(0, 1)
-        H = points_to_homography(head(compute_similarity(pairs_q, pairs_c)))
-        query_points, cand_points, valid = matched_keypoints(pairs_q, pairs_c)
-        at_threshold = valid & ((reprojection_distances(H, query_points, cand_points) - 48).abs() < 1e-3)
-        allowed = at_threshold.sum(dim=1).view(2, 5).float()
-        per_pair = inlier_scores(pairs_q, pairs_c, H).view(2, 5)
-    assert ((per_pair - scores).abs() <= allowed).all()
-    assert ((rerank_scores(head, local_q, local_candidates, batch_size=100) - scores).abs() <= allowed).all()
-    assert ((rerank_scores(head, local_q[1], local_candidates[1], batch_size=1) - scores[1]).abs() <= allowed[1]).all()
-    amp_scores = rerank_scores(head, local_q, local_candidates, batch_size=4, amp=True)
-    assert amp_scores.dtype == torch.float32
-    # Without amp=True the head runs in the caller's autocast state (eval.py's --amp sets it around the call):
-    # the same kernels on the same chunks, so the same scores.
-    with torch.autocast(device.type, dtype=amp_dtype(device)):
-        assert torch.equal(rerank_scores(head, local_q, local_candidates, batch_size=4), amp_scores)
-    with pytest.raises(ValueError, match="expected"):
-        rerank_scores(head, local_q, local_candidates[0])
-
-
-# --- the batched RANSAC ----------------------------------------------------------------------------------------------
-
-
-def random_matches(H: torch.Tensor, num: int, num_outliers: int, generator: torch.Generator):
-    """Grid keypoints mapped by H, the first num_outliers of them replaced by random points."""
-    src = keypoints((24, 24))[torch.randperm(576, generator=generator)[:num]]
-    dst = apply(H[None], src[None])[0]
-    dst[:num_outliers] = torch.rand(num_outliers, 2, generator=generator) * 384
-    return src, dst
-
-
-def test_ransac_finds_the_inliers_of_pairs_of_different_sizes(device):
-    generator = seeded()
-    H_true = [torch.tensor([[1.05, 0.03, -12.0], [-0.02, 1.0, 8.0], [1e-5, 2e-5, 1.0]]), translation(20.0, -6.0)]
-    sets = [random_matches(H_true[0], 200, 80, generator), random_matches(H_true[1], 30, 10, generator)]
-    src, dst = torch.zeros(3, 200, 2), torch.zeros(3, 200, 2)
-    valid = torch.zeros(3, 200, dtype=torch.bool)
-    for i, (s, d) in enumerate(sets):
-        src[i, : len(s)], dst[i, : len(d)], valid[i, : len(s)] = s, d, True
-    valid[2, :3] = True  # three points: no model
-    src, dst, valid = src.to(device), dst.to(device), valid.to(device)
-    H, inliers, found = find_homography_ransac(src, dst, valid, threshold=2.0)
-    assert H.device == src.device
-    H, inliers, found, dst = H.cpu(), inliers.cpu(), found.cpu(), dst.cpu()
-    assert found.tolist() == [True, True, False]
-    torch.testing.assert_close(H[0], H_true[0], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(H[1], H_true[1], rtol=1e-3, atol=1e-3)
-    assert torch.isnan(H[2]).all() and not inliers[2].any()
-    for i, (s, _) in enumerate(sets):
-        outliers = (apply(H_true[i][None], s[None])[0] - dst[i, : len(s)]).norm(dim=1) > 2.0
-        assert torch.equal(inliers[i, : len(s)], ~outliers)
-    assert not inliers[:, 200:].any() and not (inliers[1, 30:]).any()
-    # Reproducible with the same seed.
-    again = find_homography_ransac(src, dst.to(device), valid, threshold=2.0)
-    assert torch.equal(again[1].cpu(), inliers)
-
-
-def test_ransac_num_iters_follows_opencv():
-    best = torch.tensor([2, 50, 100, 80])
-    num_valid = torch.tensor([100, 100, 100, 100])
-    # round(log(0.005) / log(1 - 0.5 ** 4)) = 82, ... 0.8 ... = 10; all inliers: 0; no model yet: max_iters.
-    assert ransac_num_iters(best, num_valid, 0.995, 2000).tolist() == [2000, 82, 0, 10]
-    assert ransac_num_iters(torch.tensor([10]), torch.tensor([100]), 0.995, 2000).tolist() == [2000]
-
-
 # --- a constructed case: a texture, warped copies and distractors ----------------------------------------------------
-
-
-def smooth_texture(size: int, generator: torch.Generator) -> torch.Tensor:
-    """(1, 3, size, size) sum of bicubically upsampled noise at several scales."""
-    octaves = [(6, 1.0), (12, 0.7), (24, 0.5), (48, 0.3)]
-    return sum(
-        amplitude * F.interpolate(torch.rand(1, 3, res, res, generator=generator), size=(size, size), mode="bicubic")
-        for res, amplitude in octaves
-    )
-
-
-def patch_descriptors(images: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 48, H/16, W/16): each 16x16 patch as 4x4 average colours, centred and L2-normalised."""
-    cells = F.avg_pool2d(images, patch_size // 4)
-    b, c, h, w = cells.shape
-    cells = cells.view(b, c, h // 4, 4, w // 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 16, h // 4, w // 4)
-    return F.normalize(cells - cells.mean(dim=1, keepdim=True), dim=1)
 
 
 def test_constructed_case_ranks_the_warped_copies_first(device):
