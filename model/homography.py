@@ -390,15 +390,20 @@ def score_pairs(
 
 
 def predict_homographies(
-    homography_regression: nn.Module, query_features: Tensor, candidate_features: Tensor, amp: bool = False
+    homography_regression: nn.Module,
+    query_features: Tensor,
+    candidate_features: Tensor,
+    amp: bool = False,
+    dlt_weights: Tensor | None = None,
 ) -> Tensor:
-    """The DHE homographies of B pairs: correlation (float32) -> head -> 4 point pairs -> DLT.
+    """The DHE homographies of B pairs: correlation (float32) -> head -> 4 point pairs -> DLT (float32).
 
     Args:
         homography_regression: the DHE head, (B, h*w, h, w) correlation -> (B, 8, 2) points.
         query_features: (B, C, h, w) float32 query local features of each pair.
         candidate_features: (B, C, h, w) float32 candidate local features.
         amp: run the head under `amp_autocast`; without it the caller's autocast state, if any, applies.
+        dlt_weights: optional (B, 4) weight of each correspondence in the DLT (the training losses' random ones).
 
     Returns:
         (B, 3, 3) homographies from query pixels to candidate pixels (see `points_to_homography`).
@@ -408,7 +413,8 @@ def predict_homographies(
         correlation = compute_similarity(query_features, candidate_features)
     with amp_autocast(device, amp):
         points = homography_regression(correlation)
-    return points_to_homography(points)
+    with torch.autocast(device.type, enabled=False):
+        return points_to_homography(points, dlt_weights)
 
 
 def find_homography_ransac(
