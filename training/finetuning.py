@@ -170,8 +170,7 @@ class Finetuning(Task):
         self.scaler = grad_scaler(device, args.amp)
         self.loops_per_epoch = args.queries_per_epoch // args.cache_refresh_rate
         self.batches_per_loop = args.cache_refresh_rate // self.batch_size
-        recall_values = list(args.recall_values)
-        self.selection_key = f"val_R@{5 if 5 in recall_values else recall_values[0]}"
+        self.selection_key = f"val_R@{5 if 5 in self.recall_values else self.recall_values[0]}"
         self.last_validation: dict = {}
         if resume is not None and distributed.is_main_process():
             self._carry_best_model(Path(args.resume_train).parent, output_folder, resume)
