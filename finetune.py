@@ -9,300 +9,33 @@ batch, whole model in train mode; loss = triplet (sum / (batch x negatives)) + `
 after each epoch `features_extractor_{e:03d}.torch` and `homography_regression_{e:03d}.torch`, then validation
 (re-ranked from `--rerank_val_from_epoch`). New: the best model by val R@5, `--criterion sare_ind|sare_joint`,
 opt-in `--patience`. Several processes: `torchrun --nproc_per_node N finetune.py ...`.
+The training itself is `training.finetuning` driven by `training.loop`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import shutil
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+import parser as flags
+from training.finetuning import Finetuning
+from training.loop import run, run_script
 
-import commons
-import distributed
-import eval as evaluation
-import training
-from datasets_ws import BaseDataset, TripletsDataset, collate_fn
-from model import compute_similarity
-from model.checkpoints import save_state_dict
-from model.files import replaced_atomically
-from model.geometry import points_to_homography
-from model.matching import rei_loss
-from train_dhe import SGD_MOMENTUM, SGD_WEIGHT_DECAY, dlt_weights
-
-BEST_FILES = ("best_features_extractor.torch", "best_homography_regression.torch")
-FIXES = (
-    "--criterion sare_ind and sare_joint work, as the geo-localization benchmark defines them (the original crashed)",
-    "the best model by validation R@5 is kept (best_*.torch); --patience stops early only when given (the original "
-    "never stopped)",
-    "--device and DistributedDataParallel under torchrun instead of .cuda() and DataParallel",
-    "metrics.csv, last_checkpoint.pth, results.json and training_curves.png are written",
-)
+SCRIPT = "finetune"
 
 
-def sare_loss(query: Tensor, positive: Tensor, negatives: Tensor) -> Tensor:
-    """SARE of one query: -log softmax of the negated squared distances, taken at the positive.
-
-    Args:
-        query: (D,); positive: (D,); negatives: (N, D) (N = 1 for sare_ind, all of the query's for sare_joint).
-    Returns:
-        () the loss.
-    """
-    distances = torch.cat([((query - positive) ** 2).sum().view(1), ((query - negatives) ** 2).sum(dim=1)])
-    return -F.log_softmax(-distances, dim=0)[0]
-
-
-def metric_loss(criterion: str, descriptors: Tensor, triplets: Tensor, margin: float, negatives_num: int) -> Tensor:
-    """Sum of the metric loss over the batch, as the benchmark (the caller divides by batch x negatives).
-
-    Args:
-        descriptors: (B * (2 + N), D) global descriptors of the batch's images.
-        triplets: (B * N, 3) rows (query, positive, negative) indexing `descriptors`, each query's N rows together.
-    """
-    query, positive, negative = (descriptors[triplets[:, i]] for i in range(3))
-    if criterion == "triplet":
-        return F.triplet_margin_loss(query, positive, negative, margin=margin, p=2, reduction="sum")
-    if criterion == "sare_ind":
-        return sum(sare_loss(q, p, n.unsqueeze(0)) for q, p, n in zip(query, positive, negative))
-    if criterion == "sare_joint":
-        grouped = triplets.view(-1, negatives_num, 3)
-        return sum(
-            sare_loss(descriptors[rows[0, 0]], descriptors[rows[0, 1]], descriptors[rows[:, 2]]) for rows in grouped
-        )
-    raise ValueError(f"unknown criterion {criterion!r}")
-
-
-def joint_losses(
-    features_extractor: nn.Module,
-    head: nn.Module,
-    images: Tensor,
-    triplets: Tensor,
-    args: argparse.Namespace,
-    negatives_num: int,
-) -> dict[str, Tensor]:
-    """Losses of a batch of B (query, positive, N negatives) groups, as the original.
-
-    Args:
-        images: (B * (2 + N), 3, H, W), each group's query first, then its positive.
-        triplets: (B * N, 3) rows (query, positive, negative) indexing `images`.
-        args: `criterion`, `margin`, `rei_weight`, `rei_inliers`.
-    Returns:
-        {"loss": triplet + rei_weight * rei, "triplet_loss": metric loss sum / (B * N), "rei_loss": REI sum / B},
-        scalars. The models run in the caller's autocast state; correlation, DLT, matching and RANSAC in float32.
-    """
-    device = images.device
-    items = images.shape[0] // (2 + negatives_num)
-    descriptors, local_features = features_extractor(images)
-    metric = metric_loss(args.criterion, descriptors.float(), triplets, args.margin, negatives_num)
-    metric = metric / (items * negatives_num)
-    starts = torch.arange(items, device=device) * (2 + negatives_num)
-    local_query, local_positive = local_features[starts].float(), local_features[starts + 1].float()
-    with torch.autocast(device.type, enabled=False):
-        correlation = compute_similarity(local_query, local_positive)
-    points = head(correlation)
-    with torch.autocast(device.type, enabled=False):
-        H = points_to_homography(points.float(), dlt_weights(items, device))
-        rei = rei_loss(local_query, local_positive, H, inliers=args.rei_inliers).sum() / items
-    return {"loss": metric + args.rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
-
-
-class Finetuning(training.Task):
-    """The original's `finetune.py` as a `training.Task`."""
-
-    script = "finetune"
-    loss_names = ("loss", "triplet_loss", "rei_loss")
-    fixes = FIXES
-
-    def __init__(self, args: argparse.Namespace, device: torch.device, output_folder: Path, resume: dict | None):
-        self.args, self.device = args, device
-        world_size, self.rank = distributed.get_world_size(), distributed.get_rank()
-        if args.train_batch_size % world_size:
-            raise training.TrainingError(
-                f"--train_batch_size {args.train_batch_size} must be a multiple of the {world_size} processes"
-            )
-        if args.cache_refresh_rate < args.train_batch_size:
-            raise training.TrainingError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is less than --train_batch_size "
-                f"{args.train_batch_size}: a loop would have no batch"
-            )
-        self.local_batch_size = args.train_batch_size // world_size
-        from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
-        features_extractor, head = commons.build_models(args, device, from_checkpoint)
-        distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
-        self.features_extractor = distributed.wrap(features_extractor, device)
-        self.head = distributed.wrap(head, device)
-        self.modules = {"features_extractor": self.features_extractor, "homography_regression": self.head}
-
-        self.dataset = TripletsDataset(args, args.datasets_folder, args.dataset_name, "train")
-        logging.info(f"Train set: {self.dataset}")
-        self.train_split_digest = training.split_digest(self.dataset)
-        training.check_resumed_split(self.dataset, self.train_split_digest, resume)
-        if args.cache_refresh_rate > self.dataset.queries_num:
-            raise training.TrainingError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {self.dataset.queries_num} training "
-                "queries that have a positive"
-            )
-        self.val_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "val")
-        training.check_split_measures(
-            self.val_dataset,
-            args.val_positive_dist_threshold,
-            "validation, which chooses the best model" + (" and stops early" if args.patience else ""),
-        )
-        self.flip_generator = torch.Generator().manual_seed(args.seed)  # one draw per global batch, on every rank
-
-        parameters = [p for m in (self.features_extractor, self.head) for p in m.parameters() if p.requires_grad]
-        if args.optim == "adam":
-            self.optimizer = torch.optim.Adam(parameters, lr=args.lr)
-        else:
-            self.optimizer = torch.optim.SGD(
-                parameters, lr=args.lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
-            )
-        self.scaler = training.grad_scaler(device, args.amp)
-        self.num_epochs = args.epochs_num
-        self.loops_per_epoch = args.queries_per_epoch // args.cache_refresh_rate
-        self.batches_per_loop = args.cache_refresh_rate // args.train_batch_size
-        self.iterations_per_epoch = self.loops_per_epoch * self.batches_per_loop
-        self.log_period = self.batches_per_loop  # the original logged once per loop
-        recall_values = list(args.recall_values)
-        self.selection_key = f"val_R@{5 if 5 in recall_values else recall_values[0]}"
-        self.patience = args.patience
-        self.last_validation: dict = {}
-        if resume is not None and distributed.is_main_process():
-            self._carry_best_model(Path(args.resume_train).parent, output_folder, resume)
-
-    def _carry_best_model(self, previous: Path, output_folder: Path, resume: dict) -> None:
-        """Copy the run's best model so far (best_*.torch, in the folder of the resumed checkpoint) to this run's
-        folder, so that the folder of a resumed run holds the best model of the whole run; say so, or that it is
-        missing."""
-        if resume["best"] is None:
-            return
-        epochs = [row["epoch"] for row in resume["metrics"] if row.get(self.selection_key) == resume["best"]]
-        what = f"{self.selection_key} {resume['best']:.2f} at epoch {epochs[0] if epochs else '?'}"
-        missing = [name for name in BEST_FILES if not (previous / name).is_file()]
-        if missing:
-            logging.warning(
-                f"WARNING: the best model of the run so far ({what}) was saved in {previous}, which no longer holds "
-                f"{', '.join(missing)}: this run writes best_*.torch only when validation beats it"
-            )
-            return
-        for name in BEST_FILES:
-            with replaced_atomically(output_folder / name) as temporary:
-                shutil.copyfile(previous / name, temporary)
-        logging.info(f"The best model of the run so far ({what}) is copied from {previous} to {output_folder}")
-
-    def _mine(self) -> None:
-        """Rank 0 mines the next `--cache_refresh_rate` triplets; every rank gets them."""
-        triplets = None
-        if distributed.is_main_process():
-            self.dataset.compute_triplets(self.args, distributed.unwrap(self.features_extractor))
-            triplets = self.dataset.triplets_global_indexes
-        self.dataset.triplets_global_indexes = distributed.broadcast_object(triplets)
-
-    def epoch_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        size, local = self.args.train_batch_size, self.local_batch_size
-        for loop in range(self.loops_per_epoch):
-            logging.debug(f"epoch {epoch}, loop {loop + 1}/{self.loops_per_epoch}: mining")
-            self._mine()
-            self.features_extractor.train()
-            self.head.train()
-            indexes = [
-                batch * size + self.rank * local + i for batch in range(self.batches_per_loop) for i in range(local)
-            ]
-            loader = DataLoader(
-                Subset(self.dataset, indexes),
-                batch_size=local,
-                shuffle=False,
-                num_workers=self.args.num_workers,
-                pin_memory=self.device.type == "cuda",
-                worker_init_fn=commons.worker_init,
-                collate_fn=collate_fn,
-            )
-            for images, triplets, _ in loader:
-                if self.args.horizontal_flip and torch.rand((), generator=self.flip_generator) < 0.5:
-                    images = images.flip(-1)  # the whole batch, as the original
-                yield images.to(self.device, non_blocking=True), triplets.to(self.device)
-
-    def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        images, triplets = batch
-        return joint_losses(
-            self.features_extractor, self.head, images, triplets, self.args, self.dataset.negs_num_per_query
-        )
-
-    def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
-        save_state_dict(self.features_extractor, output_folder / f"features_extractor_{epoch:03d}.torch")
-        save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
-        rerank = epoch >= self.args.rerank_val_from_epoch
-        result = evaluation.test(
-            self.args,
-            self.val_dataset,
-            distributed.unwrap(self.features_extractor),
-            distributed.unwrap(self.head),
-            self.device,
-            output_folder,
-            rerank=rerank,
-        )
-        metrics = {f"val_R@{n}": float(v) for n, v in zip(self.args.recall_values, result["baseline_recalls"])}
-        if rerank:
-            metrics |= {
-                f"val_reranked_R@{n}": float(v) for n, v in zip(self.args.recall_values, result["reranked_recalls"])
-            }
-        self.last_validation = {
-            "baseline": result["baseline_recalls"],
-            "reranked": result["reranked_recalls"],
-            "epoch": epoch,
-        }
-        return metrics
-
-    def save_best(self, output_folder: Path) -> None:
-        save_state_dict(self.features_extractor, output_folder / BEST_FILES[0])
-        save_state_dict(self.head, output_folder / BEST_FILES[1])
-
-    def finish(self, output_folder: Path) -> dict:
-        validation = self.last_validation or {"baseline": None, "reranked": None, "epoch": None}
-        return {
-            "baseline": validation["baseline"],
-            "reranked": validation["reranked"],
-            "split": "val",
-            "epoch": validation["epoch"],
-            "dataset": self.args.dataset_name,
-        }
-
-    def state(self) -> dict:
-        state = {
-            "mining_rng": self.dataset.rng.bit_generator.state,
-            "flip_generator": self.flip_generator.get_state(),
-            "train_split_digest": self.train_split_digest,
-            "last_validation": {
-                k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.last_validation.items()
-            },
-        }
-        if self.dataset.mining == "full":
-            state["neg_cache"] = [torch.from_numpy(cache) for cache in self.dataset.neg_cache]
-        return state
-
-    def load_state(self, state: dict) -> None:
-        self.dataset.rng.bit_generator.state = state["mining_rng"]
-        self.flip_generator.set_state(state["flip_generator"])
-        self.last_validation = dict(state["last_validation"])
-        if "neg_cache" in state:
-            self.dataset.neg_cache = [cache.numpy() for cache in state["neg_cache"]]
-
-
-def main(args: argparse.Namespace) -> dict:
-    """Fine-tune as the flags say; returns {"output_folder", "metrics" (rows), "results" (results.json)}."""
-    return training.run(args, "finetune", Finetuning)
+def main(args: argparse.Namespace, given_flags: set[str] | None = None) -> dict:
+    """Fine-tune as the flags say; returns {"output_folder", "metrics" (rows), "results" (results.json)}.
+    `given_flags`: the flags given on the command line, which a resumed run checks against its checkpoint's (None:
+    every flag whose value differs from the checkpoint's counts as given)."""
+    return run(args, SCRIPT, Finetuning, given_flags)
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:
     """Parse `argv` (default: the command line) and run `main`; bad input exits with a one-line error."""
-    return training.cli("finetune", main, argv)
+    args = flags.parse_arguments(SCRIPT, argv)
+    given_flags = flags.given_flags(SCRIPT, argv)
+    return run_script(SCRIPT, lambda: main(args, given_flags))
 
 
 if __name__ == "__main__":

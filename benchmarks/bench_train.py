@@ -4,9 +4,9 @@
     python -m benchmarks.bench_train --device cpu --steps 3 --resize 192 192
 
 Each configuration runs in its own process (so that peak memory is its own): models at the defaults (CCT-14 cut to
---trunc_te blocks, the DHE head), random images, the scripts' own loss functions (`train_dhe.head_loss`,
-`finetune.joint_losses`), backward and an Adam step, timed after --warmup steps. Peak memory is the CUDA allocator's
-peak on a GPU, the process's peak resident set on CPU. Prints one line per configuration.
+--trunc_te blocks, the DHE head), random images, the scripts' own loss functions (`training.dhe_init.head_loss`,
+`training.finetuning.joint_losses`), backward and an Adam step, timed after --warmup steps. Peak memory is the CUDA
+allocator's peak on a GPU, the process's peak resident set on CPU. Prints one line per configuration.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
     """Time `options.steps` training steps of `script`; returns seconds per step and peak memory in MB."""
     import torch
 
-    import training
     from commons import resolve_device
     from model import FeaturesExtractor, HomographyRegression
+    from model.precision import amp_autocast, amp_dtype
+    from training.task import grad_scaler
 
     device = resolve_device(options.device)
     torch.manual_seed(0)
     resize = tuple(options.resize)
     features_extractor = FeaturesExtractor(resize, trunc_te=options.trunc_te, freeze_te=5).to(device)
     head = HomographyRegression(resize).to(device)
-    scaler = training.grad_scaler(device, amp)
+    scaler = grad_scaler(device, amp)
 
     if script == "train_dhe":
-        from train_dhe import head_loss
+        from training.dhe_init import head_loss
 
         features_extractor.eval().requires_grad_(False)
         batch = options.batch_size or 16
@@ -49,7 +50,7 @@ def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
             return head_loss(features_extractor, head, query, positive, device)
 
     else:
-        from finetune import joint_losses
+        from training.finetuning import joint_losses
 
         negatives = 2
         batch = options.batch_size or 4
@@ -58,18 +59,18 @@ def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
         triplets = torch.stack([torch.stack([s, s + 1, s + 2 + n]) for s in starts for n in range(negatives)]).to(
             device
         )
-        flags = argparse.Namespace(criterion="triplet", margin=0.1, rei_weight=100.0, rei_inliers="minimal")
+        loss_options = {"criterion": "triplet", "margin": 0.1, "rei_weight": 100.0, "rei_inliers": "minimal"}
         features_extractor.train()
         head.train()
         parameters = [p for m in (features_extractor, head) for p in m.parameters() if p.requires_grad]
 
         def loss():
-            return joint_losses(features_extractor, head, images, triplets, flags, negatives)["loss"]
+            return joint_losses(features_extractor, head, images, triplets, negatives, **loss_options)["loss"]
 
     optimizer = torch.optim.Adam(parameters, lr=1e-5)
 
     def step():
-        with training.autocast(device, amp):
+        with amp_autocast(device, amp):
             value = loss()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(value).backward()
@@ -90,7 +91,7 @@ def one(script: str, amp: bool, options: argparse.Namespace) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     seconds = (time.perf_counter() - start) / options.steps
-    dtype = str(training.amp_dtype(device)).removeprefix("torch.") if amp else "float32"
+    dtype = str(amp_dtype(device)).removeprefix("torch.") if amp else "float32"
     result = {"script": script, "amp": dtype, "batch": batch, "seconds": seconds, "peak_mb": peak_mb}
     return result | {"device": device.type}
 

@@ -1,6 +1,6 @@
 """Several processes, seeds and RANSAC's inlier counting under hostile but valid inputs (issue 14, round 3).
 
-The two-process tests start 2 gloo processes on the CPU with torch.multiprocessing and run `training.run` in each,
+The two-process tests start 2 gloo processes on the CPU with torch.multiprocessing and run `training.loop.run` in each,
 on the tiny synthetic world at 32 x 32 with one CCT block, so that they take a few seconds.
 """
 
@@ -21,11 +21,13 @@ import distributed
 import finetune
 import parser as flags
 import train_dhe
-import training
+import training.loop
+import training.resume
 from model.geometry import reprojection_distances
 from model.matching import matched_keypoints, rei_loss
 from model.ransac import RANSAC_THRESHOLD, find_homography_ransac
 from tools.synthetic.world import generate_world
+from training import dhe_init, finetuning
 
 SIZE = 32
 COMMON = ["--resize", str(SIZE), str(SIZE), "--trunc_te", "1", "--num_workers", "0", "--device", "cpu"]
@@ -33,7 +35,7 @@ COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "--num_reranked_pr
 DHE = ["--iterations_per_epoch", "1", "--batch_size", "4", "--qp_mode", "gt", "--n_epochs", "1"]
 FINETUNE = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "4", "--epochs_num", "1"]
 FINETUNE += ["--neg_samples_num", "8", "--rerank_val_from_epoch", "1"]
-SCRIPTS = {"train_dhe": (train_dhe.DHEInitialisation, DHE), "finetune": (finetune.Finetuning, FINETUNE)}
+SCRIPTS = {"train_dhe": (dhe_init.DHEInitialisation, DHE), "finetune": (finetuning.Finetuning, FINETUNE)}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ class StopAfterBuilding(Exception):
 
 
 def _digest_task(script: str, digest_file: Path):
-    """A `build_task` for `training.run` that writes the digest of every model part of the built task, then stops."""
+    """A `build_task` for `training.loop.run` that writes the digest of every model part of the built task, then
+    stops."""
 
     def build(args, device, output_folder, resume):
         task = SCRIPTS[script][0](args, device, output_folder, resume)
@@ -107,15 +110,15 @@ def _process(rank: int, world_size: int, port: int, script: str, arguments: list
     )
     torch.set_num_threads(1)
     os.chdir(out)
-    train_dhe.dlt_weights = finetune.dlt_weights = _unit_dlt_weights  # a process of its own: nothing else to restore
+    dhe_init.dlt_weights = finetuning.dlt_weights = _unit_dlt_weights  # a process of its own: nothing else to restore
     args = flags.parse_arguments(script, arguments)
     if mode == "digest":
         try:
-            training.run(args, script, _digest_task(script, Path(out) / f"digest_{rank}.txt"))
+            training.loop.run(args, script, _digest_task(script, Path(out) / f"digest_{rank}.txt"))
         except StopAfterBuilding:
             pass
     else:
-        training.run(args, script, _equalised_task(script))
+        training.loop.run(args, script, _equalised_task(script))
 
 
 def _free_port() -> int:
@@ -142,7 +145,7 @@ def test_a_seed_at_the_top_of_the_range_trains_in_every_process(world, tmp_path)
     arguments = argv(world, "train_dhe", "--exp_name", "step", "--seed", "4294967295", "--num_workers", "1")
     run_processes(2, "train_dhe", arguments, "step", tmp_path)
     (run,) = (tmp_path / "logs" / "step").iterdir()
-    checkpoint = training.load_training_checkpoint(run / "last_checkpoint.pth", "train_dhe")
+    checkpoint = training.resume.load_training_checkpoint(run / "last_checkpoint.pth", "train_dhe")
     numpy_keys = [states["numpy"][1] for states in checkpoint["rng"]]
     assert len(numpy_keys) == 2 and not torch.equal(*numpy_keys)  # distinct seeds per process
 
@@ -164,7 +167,7 @@ def test_b_every_process_holds_rank_0_weights(world, tmp_path, script):
 
 def _trained_weights(folder: Path, script: str) -> dict[str, torch.Tensor]:
     (run,) = (folder / "logs" / "step").iterdir()
-    checkpoint = training.load_training_checkpoint(run / "last_checkpoint.pth", script)
+    checkpoint = training.resume.load_training_checkpoint(run / "last_checkpoint.pth", script)
     return {f"{part}.{k}": v for part, state in checkpoint["modules"].items() for k, v in state.items()}
 
 
@@ -177,10 +180,10 @@ def test_b_two_process_step_equals_one_process_step(world, tmp_path, monkeypatch
     run_processes(2, script, arguments, "step", tmp_path / "two")
     (tmp_path / "one").mkdir()
     monkeypatch.chdir(tmp_path / "one")
-    monkeypatch.setattr(train_dhe, "dlt_weights", _unit_dlt_weights)
-    monkeypatch.setattr(finetune, "dlt_weights", _unit_dlt_weights)
+    monkeypatch.setattr(dhe_init, "dlt_weights", _unit_dlt_weights)
+    monkeypatch.setattr(finetuning, "dlt_weights", _unit_dlt_weights)
     try:  # one process: here
-        training.run(flags.parse_arguments(script, arguments), script, _equalised_task(script))
+        training.loop.run(flags.parse_arguments(script, arguments), script, _equalised_task(script))
     finally:
         commons.close_logging()
     two, one = _trained_weights(tmp_path / "two", script), _trained_weights(tmp_path / "one", script)
@@ -244,18 +247,18 @@ def test_c_a_minimal_count_is_never_one_to_three(reference):
 @pytest.mark.parametrize("script", ["train_dhe", "finetune"])
 def test_c_rei_inliers_flag_reaches_the_loss_and_the_checkpoint(world, tmp_path, monkeypatch, script):
     assert flags.parse_arguments(script, argv(world, script)).rei_inliers == "minimal"
-    module = train_dhe if script == "train_dhe" else finetune
+    module, library = (train_dhe, dhe_init) if script == "train_dhe" else (finetune, finetuning)
     asked = []
 
     def recording_rei_loss(*args, **kwargs):
         asked.append(kwargs.get("inliers"))
         return rei_loss(*args, **kwargs)
 
-    monkeypatch.setattr(module, "rei_loss", recording_rei_loss)
+    monkeypatch.setattr(library, "rei_loss", recording_rei_loss)
     monkeypatch.chdir(tmp_path)
     result = module.cli(argv(world, script, "--exp_name", "flag", "--rei_inliers", "refined"))
     assert asked and set(asked) == {"refined"}
-    checkpoint = training.load_training_checkpoint(result["output_folder"] / "last_checkpoint.pth", script)
+    checkpoint = training.resume.load_training_checkpoint(result["output_folder"] / "last_checkpoint.pth", script)
     assert checkpoint["args"]["rei_inliers"] == "refined"
 
 

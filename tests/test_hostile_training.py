@@ -17,7 +17,9 @@ import torch
 
 import finetune
 import train_dhe
-import training
+import training.finetuning
+import training.resume
+import training.task
 from model import FeaturesExtractor, checkpoints, files
 from tools.synthetic.world import generate_world
 
@@ -73,14 +75,14 @@ def last_log_line(folder: Path) -> str:
 # ----------------------------------------------------------------------------- 3. trained weights are never deleted
 def test_a_failure_between_the_weights_and_the_checkpoint_keeps_the_weights(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    save = training.save_atomically
+    save = training.resume.save_atomically
 
     def no_checkpoint(obj, path):
-        if Path(path).name == training.LAST_CHECKPOINT:
+        if Path(path).name == training.resume.LAST_CHECKPOINT:
             raise OSError(5, "Input/output error")
         save(obj, path)
 
-    monkeypatch.setattr(training, "save_atomically", no_checkpoint)
+    monkeypatch.setattr(training.resume, "save_atomically", no_checkpoint)
     run_failing(train_dhe.cli, [*data(world), *DHE, "--n_epochs", "1", "--exp_name", "io"], capsys)
     (folder,) = (tmp_path / "logs" / "io").iterdir()
     assert (folder / "homography_regression_000.torch").is_file()
@@ -94,7 +96,7 @@ def test_an_interruption_during_validation_keeps_the_epochs_weights(world, tmp_p
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.evaluation, "test", interrupted)
+    monkeypatch.setattr(training.finetuning.evaluation, "test", interrupted)
     run_failing(finetune.cli, [*data(world), *FINETUNE, "--epochs_num", "1", "--exp_name", "ctrl_c"], capsys, 130)
     (folder,) = (tmp_path / "logs" / "ctrl_c").iterdir()
     assert {"features_extractor_000.torch", "homography_regression_000.torch"} <= {p.name for p in folder.iterdir()}
@@ -126,7 +128,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_keeps_the_last_
     assert f"cannot write {checkpoint}: no space left on the device (4096 bytes free in {folder})" in message
     assert "bytes to write, 1000 written when it failed; free some space there" in message
     assert message.strip().splitlines()[-1].startswith(f"train_dhe.py: error: cannot write {checkpoint}")
-    assert training.load_training_checkpoint(checkpoint, "train_dhe")["epoch"] == 1  # the last complete one
+    assert training.resume.load_training_checkpoint(checkpoint, "train_dhe")["epoch"] == 1  # the last complete one
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -196,7 +198,7 @@ def test_train_dhe_resume_takes_the_runs_flags_applies_lr_and_refuses_contradict
     assert "random weights" not in info  # the head and the backbone are not random
     rows = list(csv.DictReader(open(resumed / "metrics.csv")))
     assert [float(row["lr"]) for row in rows] == [0.0001, 0.001]
-    state = training.load_training_checkpoint(resumed / "last_checkpoint.pth", "train_dhe")
+    state = training.resume.load_training_checkpoint(resumed / "last_checkpoint.pth", "train_dhe")
     assert state["args"]["optim"] == "sgd" and "momentum" in state["optimizer"]["param_groups"][0]
 
     other = save_features_extractor(tmp_path / "other.torch", 2)
@@ -217,7 +219,7 @@ def test_finetune_resume_refuses_another_criterion_and_carries_the_best_model(wo
     assert "--criterion sare_ind contradicts the checkpoint's --criterion triplet" in message
 
     resumed = finetune.cli([*resume, "--epochs_num", "1"])["output_folder"]  # nothing left to train
-    for name in finetune.BEST_FILES:
+    for name in training.finetuning.BEST_FILES:
         assert (resumed / name).read_bytes() == (first / name).read_bytes()
     info = (resumed / "info.log").read_text()
     assert "The best model of the run so far (val_R@5 " in info and f"is copied from {first}" in info
@@ -270,7 +272,7 @@ def test_a_resumed_run_that_fails_points_to_the_checkpoint_it_came_from(world, t
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.evaluation, "test", interrupted)
+    monkeypatch.setattr(training.finetuning.evaluation, "test", interrupted)
     resume = [*data(world), *FINETUNE, "--epochs_num", "2", "--resume_train", str(checkpoint), "--exp_name", "again"]
     run_failing(finetune.cli, resume, capsys, 130)  # --seed 3 is taken from the checkpoint
     (folder,) = (tmp_path / "logs" / "again").iterdir()  # kept: it holds the weights of epoch 1
@@ -327,10 +329,10 @@ def test_a_checkpoint_older_than_rei_inliers_resumes_with_the_recount_it_was_tra
     import argparse
 
     args = argparse.Namespace(rei_inliers="minimal", lr=0.1)
-    resolved = training.resume_arguments(args, {"lr": 0.1}, given=set(), source="old.pth")
+    resolved = training.resume.resume_arguments(args, {"lr": 0.1}, given=set(), source="old.pth")
     assert resolved.rei_inliers == "refined"
-    with pytest.raises(training.TrainingError, match="--rei_inliers minimal contradicts the checkpoint's"):
-        training.resume_arguments(args, {"lr": 0.1}, given={"rei_inliers"}, source="old.pth")
-    assert training.resume_arguments(args, {"lr": 0.1, "rei_inliers": "minimal"}, set(), "new.pth").rei_inliers == (
-        "minimal"
-    )
+    with pytest.raises(training.task.TrainingError, match="--rei_inliers minimal contradicts the checkpoint's"):
+        training.resume.resume_arguments(args, {"lr": 0.1}, given={"rei_inliers"}, source="old.pth")
+    assert training.resume.resume_arguments(
+        args, {"lr": 0.1, "rei_inliers": "minimal"}, set(), "new.pth"
+    ).rei_inliers == ("minimal")

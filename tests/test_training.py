@@ -23,7 +23,10 @@ from PIL import Image
 
 import finetune
 import train_dhe
-import training
+import training.dhe_init
+import training.finetuning
+import training.records
+import training.resume
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import load_features_extractor, load_homography_regression
 from tools.synthetic.world import generate_world
@@ -82,9 +85,9 @@ def test_train_dhe_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     curves = Image.open(folder / "training_curves.png")
     assert curves.size == (1000, 400)
     # train_dhe.py does not validate during training: its recall panel says so instead of "no data yet"
-    training.plot_metrics(rows, tmp_path / "waiting.png")
+    training.records.plot_metrics(rows, tmp_path / "waiting.png")
     assert not np.array_equal(np.asarray(curves.convert("RGB")), np.asarray(Image.open(tmp_path / "waiting.png")))
-    checkpoint = training.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")
+    checkpoint = training.resume.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")
     assert (checkpoint["epoch"], checkpoint["iteration"]) == (4, 8)
     assert checkpoint["scheduler"]["last_epoch"] == 8  # StepLR stepped every iteration
 
@@ -109,7 +112,7 @@ def test_train_dhe_stops_on_a_non_finite_loss(world, tmp_path, monkeypatch, caps
         value = torch.nan if len(calls) == 3 else 1.0
         return (H[:, 0, 0] * 0 + value).float()
 
-    monkeypatch.setattr(train_dhe, "rei_loss", poisoned)
+    monkeypatch.setattr(training.dhe_init, "rei_loss", poisoned)
     with pytest.raises(SystemExit) as error:
         train_dhe.cli([*data(world), *DHE, "--n_epochs", "3", "--exp_name", "nan"])
     assert error.value.code == 1
@@ -117,7 +120,7 @@ def test_train_dhe_stops_on_a_non_finite_loss(world, tmp_path, monkeypatch, caps
     assert "non-finite loss (loss nan) at iteration 2 (epoch 1, step 0 of the epoch)" in message
     assert "Traceback" not in message
     (folder,) = (tmp_path / "logs" / "nan").iterdir()
-    checkpoint = training.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")
+    checkpoint = training.resume.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")
     assert checkpoint["epoch"] == 1  # epoch 0 is kept, nothing of epoch 1 is written
     assert not list(folder.glob("homography_regression_*.torch"))
     for state in checkpoint["modules"]["homography_regression"].values():
@@ -171,7 +174,7 @@ def test_finetune_patience_is_opt_in(world, tmp_path, monkeypatch):
 def test_sare_criteria(criterion):
     descriptors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])  # query, positive, 2 negatives
     triplets = torch.tensor([[0, 1, 2], [0, 1, 3]])
-    loss = finetune.metric_loss(criterion, descriptors, triplets, margin=0.1, negatives_num=2)
+    loss = training.finetuning.metric_loss(criterion, descriptors, triplets, margin=0.1, negatives_num=2)
     # squared distances: positive 1, negatives 4 and 9
     if criterion == "sare_ind":
         expected = np.log(1 + np.exp(-3)) + np.log(1 + np.exp(-8))
@@ -197,7 +200,7 @@ def test_two_processes_with_gloo(world, tmp_path, script, extra):
     (folder,) = (tmp_path / "logs" / "ddp").iterdir()  # one run folder for both processes
     assert "2 processes" in (folder / "info.log").read_text()
     assert json.loads((folder / "results.json").read_text())["baseline"]["R@1"] >= 0
-    checkpoint = training.load_training_checkpoint(folder / "last_checkpoint.pth", script.removesuffix(".py"))
+    checkpoint = training.resume.load_training_checkpoint(folder / "last_checkpoint.pth", script.removesuffix(".py"))
     assert len(checkpoint["rng"]) == 2  # each process's random streams
 
 
@@ -221,7 +224,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(world, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in stderr
     (folder,) = (tmp_path / "logs" / "term").iterdir()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
-    assert training.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")["epoch"] >= 1
+    assert training.resume.load_training_checkpoint(folder / "last_checkpoint.pth", "train_dhe")["epoch"] >= 1
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
