@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import eval as evaluation
+import parser
 import training
 from datasets_ws import BaseDataset, TripletsDataset, collate_fn
+from evaluation.pipeline import evaluate_split
 from model import compute_similarity
 from model.checkpoints import replaced_atomically, save_state_dict
 from model.homography import points_to_homography, rei_loss
@@ -132,22 +133,25 @@ class Finetuning(training.Task):
             )
         self.local_batch_size = args.train_batch_size // world_size
         from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
-        features_extractor, head = commons.build_models(args, device, from_checkpoint)
+        model_config = parser.model_config(args, args.resume_train)
+        features_extractor, head = commons.build_models(model_config, device, from_checkpoint)
         distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
         self.features_extractor = distributed.wrap(features_extractor, device)
         self.head = distributed.wrap(head, device)
         self.modules = {"features_extractor": self.features_extractor, "homography_regression": self.head}
 
-        self.dataset = TripletsDataset(args, args.datasets_folder, args.dataset_name, "train")
+        self.dataset = TripletsDataset(
+            args.datasets_folder,
+            args.dataset_name,
+            "train",
+            **parser.dataset_options(args),
+            mining=parser.mining_settings(args),
+            augmentation=parser.query_augmentation(args),
+        )
         logging.info(f"Train set: {self.dataset}")
         self.train_split_digest = training.split_digest(self.dataset)
         training.check_resumed_split(self.dataset, self.train_split_digest, resume)
-        if args.cache_refresh_rate > self.dataset.queries_num:
-            raise training.TrainingError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {self.dataset.queries_num} training "
-                "queries that have a positive"
-            )
-        self.val_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "val")
+        self.val_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "val", **parser.dataset_options(args))
         training.check_split_measures(
             self.val_dataset,
             args.val_positive_dist_threshold,
@@ -199,7 +203,8 @@ class Finetuning(training.Task):
         """Rank 0 mines the next `--cache_refresh_rate` triplets; every rank gets them."""
         triplets = None
         if distributed.is_main_process():
-            self.dataset.compute_triplets(self.args, distributed.unwrap(self.features_extractor))
+            inference = parser.inference_settings(self.args, self.device)
+            self.dataset.compute_triplets(distributed.unwrap(self.features_extractor), inference)
             triplets = self.dataset.triplets_global_indexes
         self.dataset.triplets_global_indexes = distributed.broadcast_object(triplets)
 
@@ -237,8 +242,8 @@ class Finetuning(training.Task):
         save_state_dict(self.features_extractor, output_folder / f"features_extractor_{epoch:03d}.torch")
         save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
         rerank = epoch >= self.args.rerank_val_from_epoch
-        result = evaluation.test(
-            self.args,
+        result = evaluate_split(
+            parser.eval_settings(self.args),
             self.val_dataset,
             distributed.unwrap(self.features_extractor),
             distributed.unwrap(self.head),

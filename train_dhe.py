@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import eval as evaluation
+import parser
 import training
 from datasets_ws import BaseDataset, QueryPositivePairs
+from evaluation.pipeline import evaluate_split
 from model import compute_similarity
 from model.checkpoints import save_state_dict
 from model.homography import points_to_homography, rei_loss
@@ -95,7 +96,9 @@ class DHEInitialisation(training.Task):
         self.local_batch_size = args.batch_size // world_size
         self.rank = rank
         from_checkpoint = ("homography_regression",) if resume is not None else ()
-        self.features_extractor, head = commons.build_models(args, device, from_checkpoint)
+        self.features_extractor, head = commons.build_models(
+            parser.model_config(args, args.resume_train), device, from_checkpoint
+        )
         distributed.share_weights(self.features_extractor, head)  # the frozen backbone too: it is not in DDP
         self.features_extractor.eval().requires_grad_(False)
         # The frozen backbone is not in last_checkpoint.pth (it never changes): its digest is, so that a resumed run
@@ -114,7 +117,7 @@ class DHEInitialisation(training.Task):
         self.head = distributed.wrap(head, device)
         self.modules = {"homography_regression": self.head}
 
-        train_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "train")
+        train_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "train", **parser.dataset_options(args))
         logging.info(f"Train set: {train_dataset}")
         self.train_split_digest = training.split_digest(train_dataset)
         training.check_resumed_split(train_dataset, self.train_split_digest, resume)
@@ -123,16 +126,19 @@ class DHEInitialisation(training.Task):
         else:  # computed once by rank 0 with the initial backbone, as the original, and shared
             pairs = None
             if distributed.is_main_process():
-                pairs = QueryPositivePairs(args, train_dataset, self.features_extractor).pairs
+                inference = parser.inference_settings(args, device)
+                pairs = QueryPositivePairs(
+                    train_dataset, args.qp_mode, args.qp_threshold, self.features_extractor, inference
+                ).pairs
             pairs = distributed.broadcast_object(pairs)
-        self.pairs = QueryPositivePairs(args, train_dataset, pairs=pairs)
+        self.pairs = QueryPositivePairs(train_dataset, args.qp_mode, args.qp_threshold, pairs=pairs)
         self.batches_per_pass = len(self.pairs) // args.batch_size
         if self.batches_per_pass == 0:
             raise training.TrainingError(
                 f"only {len(self.pairs)} query-positive pairs in {train_dataset.dataset_folder}, fewer than "
                 f"--batch_size {args.batch_size}"
             )
-        self.test_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
+        self.test_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "test", **parser.dataset_options(args))
         training.check_split_measures(self.test_dataset, args.val_positive_dist_threshold, "final test")
 
         parameters = [p for p in self.head.parameters() if p.requires_grad]
@@ -192,8 +198,8 @@ class DHEInitialisation(training.Task):
 
     def finish(self, output_folder: Path) -> dict:
         logging.info("Testing the head on the test split")
-        test = evaluation.test(
-            self.args,
+        test = evaluate_split(
+            parser.eval_settings(self.args),
             self.test_dataset,
             self.features_extractor,
             distributed.unwrap(self.head),

@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT))
 import synthetic  # noqa: E402
 
 CHILD = """
-import resource, sys
+import resource, runpy, sys
 sys.argv = ["eval.py", *sys.argv[1:]]
 sys.path.insert(0, {root!r})
-import eval as eval_script
-eval_script.cli(sys.argv[1:])
+runpy.run_path({script!r}, run_name="__main__")  # eval.py as a script, in this process
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -41,7 +40,7 @@ def peak_rss_kb(
         argv += ["--local_features_in_memory_mb", str(in_memory_mb)]
     argv += ["--device", "cpu", "--num_workers", "0", "--num_reranked_preds", str(num_reranked), "--exp_name", "mem"]
     completed = subprocess.run(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT)), *argv],
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), script=str(ROOT / "eval.py")), *argv],
         cwd=workdir,
         capture_output=True,
         text=True,
