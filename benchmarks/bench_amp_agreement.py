@@ -6,7 +6,8 @@ The world is generated first if missing (synthetic.py defaults). Models: the fea
 seeded random weights, the head's output bias spread over the image corners (so that it predicts well-posed
 homographies, as a trained head does). The global stage is computed once; the top `--num_reranked_preds` of every
 query are re-ranked twice, in fp32 and with the head under bf16 autocast, through
-`evaluation.reranking.rerank_predictions` as `eval.py` runs it. Prints the share of queries whose top-1 is the same, the mean score change and both timings.
+`evaluation.reranking.rerank_predictions` as `eval.py` runs it. Prints the share of queries whose top-1 is the
+same, the mean score change and both timings.
 """
 
 from __future__ import annotations

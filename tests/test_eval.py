@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_identity_head
+from helpers import eval_argv, save_identity_head
 from PIL import Image
 
 import eval as eval_script
@@ -57,14 +57,8 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 def run_eval(world: Path, *extra: str, device: str = "cpu") -> dict:
-    return eval_script.cli(
-        [
-            "--datasets_folder", str(world), "--dataset_name", "tiny", "--resize", str(SIZE), str(SIZE),
-            "--resume_fe", str(world / "fe.torch"), "--resume_hr", str(world / "hr.torch"), "--trunc_te", str(TRUNC_TE),
-            "--recall_values", "1", "5", "--device", str(device), "--num_workers", "0", "--infer_batch_size", "3",
-            *extra,
-        ]
-    )  # fmt: skip
+    options = {"resize": SIZE, "trunc_te": TRUNC_TE, "checkpoints": world, "device": device}
+    return eval_script.cli(eval_argv(world / "tiny", "--infer_batch_size", "3", *extra, **options))
 
 
 def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monkeypatch, device):
