@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 _REPOSITORY = Path(__file__).resolve().parent
-_OWN_MODULES = ("model", "datasets_ws", "util", "commons", "interrupts")
+_OWN_MODULES = ("model", "evaluation", "datasets_ws", "util", "commons", "interrupts")
 
 
 def _check_own_modules_are_free() -> None:
