@@ -130,15 +130,14 @@ def evaluate_split(
             f"Local features: {store.memory_bytes / 2**20:.1f} MB in {store.memory_device} memory, "
             f"{store.file_bytes / 2**20:.1f} MB in {store.path}; re-ranking {rerank_batch_size} pairs per pass"
         )
+    seconds: dict[str, float] = {}
     try:
         start = time.perf_counter()
-        database_descriptors, queries_descriptors = compute_descriptors(
-            settings, dataset, features_extractor, store, device
-        )
-        descriptors_time = time.perf_counter() - start
+        descriptors = compute_descriptors(settings, dataset, features_extractor, store, device)
+        seconds["descriptors"] = time.perf_counter() - start
         start = time.perf_counter()
-        distances, predictions = retrieve(settings, database_descriptors, queries_descriptors)
-        search_time = time.perf_counter() - start
+        distances, predictions = retrieve(settings, *descriptors)
+        seconds["search"] = time.perf_counter() - start
         positives = dataset.get_positives()  # None without labels
         baseline = log_recalls(f"baseline {dataset.split}: ", predictions, positives, settings.recall_values)
         results.update(baseline_recalls=baseline, predictions=predictions)
@@ -149,9 +148,10 @@ def evaluate_split(
         reranked, scores, homography_regression = rerank_split(
             settings, dataset, homography_regression, store, predictions, rerank_batch_size, device
         )
-        rerank_time = time.perf_counter() - start
+        seconds["re-ranking"] = time.perf_counter() - start
         after = log_recalls(f"{dataset.split} after re-ranking - ", reranked, positives, settings.recall_values)
         results.update(reranked_recalls=after, reranked_predictions=reranked, rerank_scores=scores)
+        saved, geometries = None, None
         if settings.num_preds_to_save:  # the top pair's matches and homography, while the local features are stored
             saved = pictures.queries_to_save(reranked, positives, settings.save_only_wrong_preds)
             geometries = pictures.top_match_geometries(
@@ -161,11 +161,29 @@ def evaluate_split(
     finally:
         if store is not None:
             store.close()
+    write_outputs(settings, dataset, output_folder, seconds, results, distances, saved, geometries)
+    results["rerank_seconds"] = seconds["re-ranking"]
+    return results
 
+
+def write_outputs(
+    settings: EvalSettings,
+    dataset: BaseDataset,
+    output_folder: Path,
+    seconds: dict[str, float],
+    results: dict,
+    distances: np.ndarray,
+    saved: np.ndarray | None,
+    geometries: list[pictures.MatchGeometry] | None,
+) -> None:
+    """After re-ranking: log the time of each stage, write predictions.csv (with `save_predictions` or
+    `no_labels`; `distances` (Q, k) of the global stage) and the pictures of the `saved` query positions (S,) with
+    their top match `geometries` (S,)."""
+    predictions, reranked, scores = results["predictions"], results["reranked_predictions"], results["rerank_scores"]
     num_pairs = dataset.queries_num * min(settings.num_reranked_preds, predictions.shape[1])
     logging.info(
-        f"Time: descriptors {descriptors_time:.1f} s, search {search_time:.2f} s, re-ranking {rerank_time:.1f} s "
-        f"({num_pairs / rerank_time:.1f} pairs/s)"
+        f"Time: descriptors {seconds['descriptors']:.1f} s, search {seconds['search']:.2f} s, re-ranking "
+        f"{seconds['re-ranking']:.1f} s ({num_pairs / seconds['re-ranking']:.1f} pairs/s)"
     )
     if settings.save_predictions or settings.no_labels:
         path = output_folder / "predictions.csv"
@@ -173,14 +191,13 @@ def evaluate_split(
             path, dataset.queries_paths, dataset.database_paths, predictions, distances, reranked, scores
         )
         logging.info(f"Predictions saved to {path}")
-    if settings.num_preds_to_save:
+    if saved is not None:
         folder = output_folder / "preds"
         pictures.save_prediction_pictures(
-            folder, dataset, saved, predictions, reranked, scores, settings.num_preds_to_save, geometries, positives
-        )
+            folder, dataset, saved, predictions, reranked, scores, settings.num_preds_to_save, geometries,
+            dataset.get_positives(),
+        )  # fmt: skip
         logging.info(f"{len(saved)} prediction pictures saved to {folder}")
-    results["rerank_seconds"] = rerank_time
-    return results
 
 
 def local_features_path(settings: EvalSettings, output_folder: Path) -> Path:
