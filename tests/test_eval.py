@@ -171,3 +171,20 @@ def test_eval_with_local_features_in_memory_gives_the_same_ranking(tiny_world, t
     info = (in_memory["output_folder"] / "info.log").read_text()
     store = in_memory["output_folder"] / "local_features.f16"
     assert f"Local features: 0.3 MB in cpu memory, 0.0 MB in {store}; re-ranking 5 pairs per pass" in info
+
+
+def test_evaluate_split_from_plain_values(tiny_world, tmp_path):
+    """The library without flags, as a notebook or a training loop calls it: the recalls of the command line."""
+    from commons import ModelConfig, build_models
+    from datasets_ws import BaseDataset
+    from evaluation.pipeline import EvalSettings, evaluate_split
+
+    dataset = BaseDataset(str(tiny_world), "tiny", "test", resize=(SIZE, SIZE))
+    config = ModelConfig((SIZE, SIZE), TRUNC_TE, resume_fe=tiny_world / "fe.torch", resume_hr=tiny_world / "hr.torch")
+    features_extractor, homography_regression = build_models(config, torch.device("cpu"))
+    settings = EvalSettings(recall_values=(1, 5), infer_batch_size=3, num_workers=0)
+    result = evaluate_split(settings, dataset, features_extractor, homography_regression, torch.device("cpu"), tmp_path)
+    np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
+    np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
+    assert result["reranked_predictions"][:, 0].tolist() == [1, 3, 0] and result["output_folder"] == tmp_path
+    assert list(tmp_path.iterdir()) == []  # the temporary local features are gone; nothing else is written
