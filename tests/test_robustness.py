@@ -28,7 +28,7 @@ import parser
 import synthetic
 import util
 from datasets_ws import BaseDataset
-from evaluation import local_features
+from evaluation import local_features, retrieval
 from evaluation.local_features import LocalFeatureStore
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import (
@@ -233,7 +233,7 @@ def test_an_interruption_after_the_recalls_keeps_the_run_folder(tiny_world, tmp_
 
 def test_a_failure_before_the_recalls_leaves_nothing(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(util, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(retrieval, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         eval_script.cli(eval_argv(tiny_world))
     assert run_folders(tmp_path) == []
