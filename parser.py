@@ -469,16 +469,13 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_nothing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """The training flags (REI loss, resuming) take any value their choices allow."""
-
-
 @dataclasses.dataclass(frozen=True)
 class FlagGroup:
-    """Flags that belong together: `add` puts them on a parser, `check` validates (and completes) their values."""
+    """Flags that belong together: `add` puts them on a parser, `check` validates (and completes) their values
+    (None: any value their type and choices allow)."""
 
     add: Callable[[argparse.ArgumentParser], None]
-    check: Callable[[argparse.Namespace, argparse.ArgumentParser], None]
+    check: Callable[[argparse.Namespace, argparse.ArgumentParser], None] | None = None
 
 
 MODEL = FlagGroup(_add_model_flags, _check_model_flags)
@@ -488,7 +485,7 @@ EVAL_OUTPUTS = FlagGroup(_add_eval_output_flags, _check_eval_output_flags)
 AUGMENTATION = FlagGroup(_add_augmentation_flags, _check_augmentation_flags)
 FINETUNE = FlagGroup(_add_finetune_flags, _check_finetune_flags)
 TRAIN_DHE = FlagGroup(_add_train_dhe_flags, _check_train_dhe_flags)
-TRAINING = FlagGroup(_add_training_flags, _check_nothing)
+TRAINING = FlagGroup(_add_training_flags)
 
 # The groups of each script, in the order of its --help. eval.py keeps the augmentation flags of the original's
 # parser (accepted, unused) so that its command lines keep working.
@@ -555,7 +552,8 @@ def check_arguments(script: str, args: argparse.Namespace, parser: argparse.Argu
     --rerank_val_from_epoch, --qp_mode); --resize becomes a tuple."""
     _check_numbers(args, parser)
     for group in SCRIPT_GROUPS[script]:
-        group.check(args, parser)
+        if group.check is not None:
+            group.check(args, parser)
     return args
 
 
