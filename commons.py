@@ -1,4 +1,4 @@
-"""What every script shares: seeding, the device, the run folder and its logs, the model built from flags."""
+"""What every script shares: seeding, the device, the run folder and its logs, the models built from a ModelConfig."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -35,6 +37,8 @@ __all__ = [
     "close_logging",
     "log_run_header",
     "library_versions",
+    "ModelConfig",
+    "log_random_weights",
     "build_models",
 ]
 
@@ -226,38 +230,65 @@ def log_run_header(args: argparse.Namespace, output_folder: Path) -> None:
     logging.debug(f"Process id {os.getpid()}, {torch.get_num_threads()} torch threads")
 
 
-def build_models(
-    args: argparse.Namespace, device: torch.device, from_checkpoint: tuple[str, ...] = ()
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The features extractor and DHE head from `--resize --trunc_te --freeze_te --pretrained_cct --resume_*`.
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the models are built from (the flags of the same names; `parser.model_config(args)`).
 
-    A missing `--resume_fe` / `--resume_hr` gets the original's warning: that part is randomly initialised. The parts
-    named in `from_checkpoint` ("features_extractor", "homography_regression") get their weights from the caller's
-    `--resume_train` checkpoint: they are neither loaded nor warned about here.
+    resize: (H, W) of the input images, multiples of 16. trunc_te: CCT blocks kept; freeze_te: blocks with index <=
+    it stay frozen (-1: none). pretrained_cct: a local file of ImageNet CCT-14 weights, loaded when given.
+    resume_fe, resume_hr: checkpoints of the features extractor and of the DHE head (None: random weights, with a
+    warning). resume_train: the training checkpoint named when its weights are used instead (`build_models`'s
+    `from_checkpoint`).
+    """
+
+    resize: tuple[int, int] = (384, 384)
+    trunc_te: int = 8
+    freeze_te: int = 5
+    pretrained_cct: str | os.PathLike | None = None
+    resume_fe: str | os.PathLike | None = None
+    resume_hr: str | os.PathLike | None = None
+    resume_train: str | None = None
+
+
+def log_random_weights(flag: str, part: str) -> None:
+    """The original's warning for a part built without a checkpoint (`flag`: "resume_fe" or "resume_hr")."""
+    logging.warning(f"WARNING: --{flag} is not set, meaning that the {part} is not initialised (random weights)!")
+
+
+def build_models(
+    config: ModelConfig,
+    device: torch.device,
+    from_checkpoint: tuple[str, ...] = (),
+    map_location: str | torch.device = "cpu",
+    on_random_weights: Callable[[str, str], None] = log_random_weights,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The features extractor and DHE head of `config`, on `device`.
+
+    A part without a checkpoint (`resume_fe` / `resume_hr`, and for the features extractor no `pretrained_cct`)
+    gets `on_random_weights(flag, part)`: by default the original's warning in the log. The parts named in
+    `from_checkpoint` ("features_extractor", "homography_regression") get their weights from the caller's
+    `resume_train` checkpoint: they are neither loaded nor warned about here. Checkpoints are loaded onto
+    `map_location`.
     """
     from model import FeaturesExtractor, HomographyRegression
     from model.checkpoints import load_features_extractor, load_homography_regression
 
     features_extractor = FeaturesExtractor(
-        resize=args.resize, trunc_te=args.trunc_te, freeze_te=args.freeze_te, pretrained_cct=args.pretrained_cct
+        resize=config.resize, trunc_te=config.trunc_te, freeze_te=config.freeze_te, pretrained_cct=config.pretrained_cct
     )
     if "features_extractor" in from_checkpoint:
-        logging.info(f"The features extractor's weights come from --resume_train {args.resume_train}")
-    elif args.resume_fe is not None:
-        load_features_extractor(features_extractor, args.resume_fe)
-        logging.info(f"Loaded the features extractor from {args.resume_fe}")
-    elif args.pretrained_cct is None:
-        logging.warning(
-            "WARNING: --resume_fe is not set, meaning that the features extractor is not initialised (random weights)!"
-        )
-    homography_regression = HomographyRegression(resize=args.resize)
+        logging.info(f"The features extractor's weights come from --resume_train {config.resume_train}")
+    elif config.resume_fe is not None:
+        load_features_extractor(features_extractor, config.resume_fe, map_location)
+        logging.info(f"Loaded the features extractor from {config.resume_fe}")
+    elif config.pretrained_cct is None:
+        on_random_weights("resume_fe", "features extractor")
+    homography_regression = HomographyRegression(resize=config.resize)
     if "homography_regression" in from_checkpoint:
-        logging.info(f"The DHE head's weights come from --resume_train {args.resume_train}")
-    elif args.resume_hr is not None:
-        load_homography_regression(homography_regression, args.resume_hr)
-        logging.info(f"Loaded the DHE head from {args.resume_hr}")
+        logging.info(f"The DHE head's weights come from --resume_train {config.resume_train}")
+    elif config.resume_hr is not None:
+        load_homography_regression(homography_regression, config.resume_hr, map_location)
+        logging.info(f"Loaded the DHE head from {config.resume_hr}")
     else:
-        logging.warning(
-            "WARNING: --resume_hr is not set, meaning that the DHE head is not initialised (random weights)!"
-        )
+        on_random_weights("resume_hr", "DHE head")
     return features_extractor.to(device), homography_regression.to(device)

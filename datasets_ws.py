@@ -10,20 +10,20 @@ and each file is named ``@utm_east@utm_north@utm_zone@zone_letter@lat@lon@pano_i
 
 Global indexes follow the benchmark: database images are ``0 .. database_num - 1`` and query ``q`` is
 ``database_num + q`` in ``images_paths``. Images are ImageNet-normalised float tensors (3, H, W) where
-(H, W) = ``args.resize``.
+(H, W) = ``resize``.
 
 Random choices of the mining (which queries, which database samples) come from a ``numpy.random.Generator`` seeded
-with ``args.seed``; image augmentations draw from torch's global generator, which ``torch.manual_seed`` (and, per
-worker, the DataLoader) seeds.
+with ``MiningSettings.seed``; image augmentations draw from torch's global generator, which ``torch.manual_seed``
+(and, per worker, the DataLoader) seeds.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,10 +34,10 @@ from sklearn.neighbors import NearestNeighbors
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from commons import resolve_device
+from evaluation.retrieval import search
 from model.features_extractor import PATCH_SIZE
 from tools.vg_names import NAME_PATTERN, parse_note, parse_utm
-from util import extract_features, search
+from util import extract_features
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def open_rgb_image(path: str) -> Image.Image:
         raise OSError(f"cannot read image {path}: {error}. Check that it is a valid JPEG/PNG file.") from error
 
 
-def _normalized_tensor(image: Image.Image, resize: Sequence[int] | int | None = None) -> Tensor:
+def normalized_tensor(image: Image.Image, resize: Sequence[int] | int | None = None) -> Tensor:
     """(3, H, W) ImageNet-normalised tensor; `resize` as in `TF.resize` (a (H, W) pair, or the shorter side).
 
     The resize is bilinear without antialiasing, as the original's evaluation did (torchvision 0.9 resized tensors
@@ -121,18 +121,18 @@ def query_test_transform(image: Image.Image, test_method: str, resize: tuple[int
     height, width = resize
     shorter_side = min(resize)
     if test_method == "hard_resize":
-        return _normalized_tensor(image, resize)
+        return normalized_tensor(image, resize)
     if test_method == "single_query":
-        tensor = _normalized_tensor(image, shorter_side)
+        tensor = normalized_tensor(image, shorter_side)
         # the CCT tokenizer needs sides that are multiples of its stride: trim the few extra pixels, centred
         trimmed = [size - size % PATCH_SIZE for size in tensor.shape[-2:]]
         return TF.center_crop(tensor, trimmed)
     if test_method == "central_crop":
         scale = max(height / image.height, width / image.width)
         scaled_size = (max(height, round(image.height * scale)), max(width, round(image.width * scale)))
-        return TF.center_crop(_normalized_tensor(image, scaled_size), [height, width])
+        return TF.center_crop(normalized_tensor(image, scaled_size), [height, width])
     if test_method in ("five_crops", "nearest_crop", "maj_voting"):
-        tensor = _normalized_tensor(image, shorter_side)
+        tensor = normalized_tensor(image, shorter_side)
         return torch.stack(TF.five_crop(tensor, [shorter_side, shorter_side]))
     raise ValueError(f"unknown test_method {test_method!r}")
 
@@ -291,10 +291,56 @@ def _same_images(folder_a: str, folder_b: str) -> bool:
     return listing(folder_a) == listing(folder_b)
 
 
-def _global_descriptors(args: argparse.Namespace, model: nn.Module, images: Dataset) -> np.ndarray:
-    """Global descriptors (N, D) of `images` with `model` on `args.device`, batched by `args.infer_batch_size`."""
-    device = resolve_device(args.device)
-    return extract_features(model, images, device, args.infer_batch_size, args.num_workers, desc="mining cache")
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How descriptors are computed for the mining and the predicted pairs: on `device`, `batch_size` images a
+    batch (`--infer_batch_size`), with `num_workers` loader processes."""
+
+    device: torch.device
+    batch_size: int = 32
+    num_workers: int = 8
+
+
+@dataclass(frozen=True)
+class MiningSettings:
+    """The triplet mining of `TripletsDataset` (the flags of the same names; `parser.mining_settings(args)`).
+
+    mining: "partial", "full", "random" or "msls_weighted". neg_samples_num: database images sampled to find the
+    hardest negatives. negs_num_per_query: negatives per triplet. cache_refresh_rate: queries mined by each
+    `compute_triplets`. train_positives_dist_threshold: metres within which a database image is a training positive.
+    seed: of the mining's random generator.
+    """
+
+    mining: str = "partial"
+    neg_samples_num: int = 1000
+    negs_num_per_query: int = 2
+    cache_refresh_rate: int = 1000
+    train_positives_dist_threshold: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QueryAugmentation:
+    """Augmentations of the training queries (the flags of the same names; None: not applied).
+
+    brightness, contrast, saturation, hue: ColorJitter; rand_perspective: RandomPerspective distortion scale;
+    random_resized_crop: RandomResizedCrop with scale (1 - value, 1); random_rotation: RandomRotation in degrees.
+    """
+
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    rand_perspective: float | None = None
+    random_resized_crop: float | None = None
+    random_rotation: float | None = None
+
+
+def _global_descriptors(inference: InferenceSettings, model: nn.Module, images: Dataset) -> np.ndarray:
+    """Global descriptors (N, D) of `images` with `model`, as `inference` says."""
+    return extract_features(
+        model, images, inference.device, inference.batch_size, inference.num_workers, desc="mining cache"
+    )
 
 
 def _squared_distances(query_descriptor: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
@@ -306,32 +352,35 @@ def _squared_distances(query_descriptor: np.ndarray, descriptors: np.ndarray) ->
 class BaseDataset(Dataset):
     """Database and query images of one split, for evaluation and for computing descriptors.
 
-    `dataset[i]` is (image, i): database images (i < database_num) are always resized to `args.resize`; queries are
-    prepared according to `self.test_method` (see `query_test_transform`), which starts as `args.test_method` (or
-    "hard_resize") and may be changed. The re-ranking stage needs hard-resized images whatever the test method:
+    `dataset[i]` is (image, i): database images (i < database_num) are always resized to `resize` (H, W); queries
+    are prepared according to `self.test_method` (see `query_test_transform`), which starts as `test_method` and
+    may be changed. The re-ranking stage needs hard-resized images whatever the test method:
     `hard_resized(i)` gives one, `hard_resized_images(indexes)` a Dataset of them for a DataLoader.
 
     Attributes: database_paths, queries_paths, images_paths (database then queries), database_num, queries_num,
     database_utms (database_num, 2), queries_utms (queries_num, 2), soft_positives_per_query (for each query the
-    database indexes within `args.val_positive_dist_threshold` metres, nearest first), labelled.
+    database indexes within `positive_dist_threshold` metres, nearest first), labelled.
 
-    With `args.no_labels` (eval.py --no_labels) file names need not carry a position: `labelled` is False and
+    Without `labelled` (eval.py --no_labels) file names need not carry a position: `labelled` is False and
     database_utms, queries_utms and soft_positives_per_query are None. Otherwise every name must parse.
     """
 
     def __init__(
         self,
-        args: argparse.Namespace,
-        datasets_folder: str = "datasets",
-        dataset_name: str = "pitts30k",
-        split: str = "train",
+        datasets_folder: str,
+        dataset_name: str,
+        split: str,
+        resize: Sequence[int] = (384, 384),
+        positive_dist_threshold: float = 25,
+        test_method: str = "hard_resize",
+        labelled: bool = True,
     ) -> None:
         super().__init__()
-        self.args = args
         self.dataset_name = dataset_name
         self.split = split
-        self.resize = tuple(args.resize)
-        self.test_method = getattr(args, "test_method", "hard_resize")
+        self.resize = tuple(resize)
+        self.positive_dist_threshold = positive_dist_threshold
+        self.test_method = test_method
         self.dataset_folder = _split_folder(datasets_folder, dataset_name, split)
         queries_folder = os.path.join(self.dataset_folder, "queries")
         database_folder = _database_folder(self.dataset_folder)
@@ -344,11 +393,11 @@ class BaseDataset(Dataset):
         self.images_paths = self.database_paths + self.queries_paths
         self.database_num = len(self.database_paths)
         self.queries_num = len(self.queries_paths)
-        self.labelled = not getattr(args, "no_labels", False)
+        self.labelled = labelled
         if self.labelled:
             self.database_utms = np.array([parse_utm(p) for p in self.database_paths], dtype=np.float64)
             self.queries_utms = np.array([parse_utm(p) for p in self.queries_paths], dtype=np.float64)
-            self.soft_positives_per_query = self.positives_within(args.val_positive_dist_threshold)
+            self.soft_positives_per_query = self.positives_within(positive_dist_threshold)
         else:  # --no_labels: any file name; positions, and so positives, are unknown
             self.database_utms = self.queries_utms = self.soft_positives_per_query = None
 
@@ -387,8 +436,8 @@ class BaseDataset(Dataset):
         return self.soft_positives_per_query
 
     def hard_resized(self, index: int) -> Tensor:
-        """Image `index` (database or query) resized to `args.resize`: (3, H, W), whatever the test method."""
-        return _normalized_tensor(open_rgb_image(self.images_paths[index]), self.resize)
+        """Image `index` (database or query) resized to `resize`: (3, H, W), whatever the test method."""
+        return normalized_tensor(open_rgb_image(self.images_paths[index]), self.resize)
 
     def hard_resized_images(self, indexes: Sequence[int] | None = None) -> Dataset:
         """A Dataset of (hard-resized image (3, H, W), global index) over `indexes` (default: every image)."""
@@ -436,46 +485,50 @@ def collate_fn(batch: Sequence[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, 
 
 
 class TripletsDataset(BaseDataset):
-    """Training triplets (query, best positive, hardest negatives), mined with `args.mining`.
+    """Training triplets (query, best positive, hardest negatives), mined as `mining` says (`MiningSettings`).
 
-    Queries with no database image within `args.train_positives_dist_threshold` metres are dropped (logged); every
+    Queries with no database image within `mining.train_positives_dist_threshold` metres are dropped (logged); every
     attribute about queries (paths, utms, soft and hard positives) covers the kept ones only.
     `hard_positives_per_query[q]` are the database indexes within that threshold, nearest first.
 
-    Call `compute_triplets(args, model)` before iterating: it samples `args.cache_refresh_rate` queries. Then
+    Call `compute_triplets(model, inference)` before iterating: it samples `cache_refresh_rate` queries. Then
     `dataset[i]` is (images (2+N, 3, H, W) = query, positive, N negatives; triplets_local_indexes (N, 3) int64 rows
     (0, 1, 2+n); triplets_global_indexes (2+N,) int64 = query index, database indexes of positive and negatives),
-    with N = negs_num_per_query. The query gets the augmentations of the flags, then PIL's (antialiased) resize;
+    with N = negs_num_per_query. The query gets the `augmentation`, then PIL's (antialiased) resize;
     positives and negatives PIL's resize, as the original. `--horizontal_flip` is applied by the training loop to a
     whole batch, as the original.
     """
 
     def __init__(
         self,
-        args: argparse.Namespace,
-        datasets_folder: str = "datasets",
-        dataset_name: str = "pitts30k",
-        split: str = "train",
-        negs_num_per_query: int | None = None,
+        datasets_folder: str,
+        dataset_name: str,
+        split: str,
+        resize: Sequence[int] = (384, 384),
+        positive_dist_threshold: float = 25,
+        mining: MiningSettings = MiningSettings(),
+        augmentation: QueryAugmentation = QueryAugmentation(),
     ) -> None:
-        super().__init__(args, datasets_folder, dataset_name, split)
-        self.mining = args.mining
-        self.neg_samples_num = args.neg_samples_num
-        self.negs_num_per_query = args.negs_num_per_query if negs_num_per_query is None else negs_num_per_query
-        self.rng = np.random.default_rng(args.seed)
-        self.query_augmentation = _query_augmentation(args, self.resize)
+        super().__init__(datasets_folder, dataset_name, split, resize, positive_dist_threshold)
+        self.mining = mining.mining
+        self.neg_samples_num = mining.neg_samples_num
+        self.negs_num_per_query = mining.negs_num_per_query
+        self.cache_refresh_rate = mining.cache_refresh_rate
+        self.rng = np.random.default_rng(mining.seed)
+        self.query_augmentation = query_augmentation(augmentation, self.resize)
 
-        self.hard_positives_per_query = self.positives_within(args.train_positives_dist_threshold)
+        threshold = mining.train_positives_dist_threshold
+        self.hard_positives_per_query = self.positives_within(threshold)
         keep = np.array([len(p) > 0 for p in self.hard_positives_per_query], dtype=bool)
         if not keep.all():
             logger.info(
                 f"{int((~keep).sum())} of {len(keep)} training queries have no database image within "
-                f"{args.train_positives_dist_threshold} m and are left out"
+                f"{threshold} m and are left out"
             )
         if not keep.any():
             raise ValueError(
                 f"no query of {self.dataset_folder} has a database image within "
-                f"{args.train_positives_dist_threshold} m (--train_positives_dist_threshold): nothing to train on"
+                f"{threshold} m (--train_positives_dist_threshold): nothing to train on"
             )
         kept = np.flatnonzero(keep)
         self.queries_paths = [self.queries_paths[q] for q in kept]
@@ -485,6 +538,11 @@ class TripletsDataset(BaseDataset):
         self.images_paths = self.database_paths + self.queries_paths
         self.queries_num = len(self.queries_paths)
 
+        if self.cache_refresh_rate > self.queries_num:
+            raise ValueError(
+                f"--cache_refresh_rate {self.cache_refresh_rate} is more than the {self.queries_num} training queries "
+                "that have a positive"
+            )
         self._check_negatives_exist()
         if self.mining == "full":  # the hardest negatives of each query so far, mined again next time
             self.neg_cache = [np.empty((0,), dtype=np.int64) for _ in range(self.queries_num)]
@@ -504,7 +562,7 @@ class TripletsDataset(BaseDataset):
             raise ValueError(
                 f"--negs_num_per_query {self.negs_num_per_query} negatives are asked, but query "
                 f"{self.queries_paths[fewest]} has only {negatives_num[fewest]} database images farther than "
-                f"{self.args.val_positive_dist_threshold} m"
+                f"{self.positive_dist_threshold} m"
             )
 
     def _msls_query_weights(self) -> np.ndarray:
@@ -537,10 +595,10 @@ class TripletsDataset(BaseDataset):
         )
         return weights / weights.sum()
 
-    def compute_triplets(self, args: argparse.Namespace, model: nn.Module) -> None:
-        """Sample `args.cache_refresh_rate` queries and mine one triplet each into `triplets_global_indexes`.
+    def compute_triplets(self, model: nn.Module, inference: InferenceSettings) -> None:
+        """Sample `cache_refresh_rate` queries and mine one triplet each into `triplets_global_indexes`.
 
-        Descriptors come from `model` (`util.extract_features`) on `args.device`, for the sampled queries and the
+        Descriptors come from `model` (`util.extract_features`, as `inference` says), for the sampled queries and the
         database images the mining looks at: partial and msls_weighted sample `neg_samples_num` database images
         once and take each query's hardest negatives among them; full computes the whole database and takes the
         hardest among `neg_samples_num` fresh samples plus the query's previous hardest; random takes random
@@ -548,13 +606,8 @@ class TripletsDataset(BaseDataset):
         soft positives. Result: `triplets_global_indexes` (cache_refresh_rate, 2 + negs_num_per_query) int64.
         """
         queries_num, database_num = self.queries_num, self.database_num
-        if args.cache_refresh_rate > queries_num:
-            raise ValueError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {queries_num} training queries "
-                f"that have a positive"
-            )
         weights = self.query_weights if self.mining == "msls_weighted" else None
-        sampled_queries = self.rng.choice(queries_num, args.cache_refresh_rate, replace=False, p=weights)
+        sampled_queries = self.rng.choice(queries_num, self.cache_refresh_rate, replace=False, p=weights)
         positives = np.concatenate([self.hard_positives_per_query[q] for q in sampled_queries])
         sampled_database = None
         if self.mining == "full":
@@ -565,7 +618,7 @@ class TripletsDataset(BaseDataset):
             sampled_database = self.rng.choice(database_num, self.neg_samples_num, replace=False)
             database_indexes = np.union1d(sampled_database, positives)
         global_indexes = np.concatenate([database_indexes, sampled_queries + database_num])
-        descriptors = _global_descriptors(args, model, self.hard_resized_images(global_indexes))
+        descriptors = _global_descriptors(inference, model, self.hard_resized_images(global_indexes))
         row_of = np.full(len(self.images_paths), -1, dtype=np.int64)
         row_of[global_indexes] = np.arange(len(global_indexes))
 
@@ -602,7 +655,7 @@ class TripletsDataset(BaseDataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         if len(self.triplets_global_indexes) == 0:
-            raise RuntimeError("no triplets yet: call compute_triplets(args, model) first")
+            raise RuntimeError("no triplets yet: call compute_triplets(model, inference) first")
         global_indexes = self.triplets_global_indexes[index]
         query_index, positive_index = int(global_indexes[0]), int(global_indexes[1])
         query = self.query_augmentation(open_rgb_image(self.queries_paths[query_index]))
@@ -653,22 +706,23 @@ def _no_three_collinear(points: list[list[int]]) -> bool:
     return True
 
 
-def _query_augmentation(args: argparse.Namespace, resize: tuple[int, int]) -> T.Compose:
-    """PIL image -> (3, H, W) tensor: the training-query augmentations of the flags, then resize and normalise."""
+def query_augmentation(augmentation: QueryAugmentation, resize: Sequence[int]) -> T.Compose:
+    """PIL image -> (3, H, W) tensor, (H, W) = `resize`: the training-query augmentations, then resize and
+    normalise."""
     steps: list[nn.Module] = []
     for name in ("brightness", "contrast", "saturation", "hue"):
-        value = getattr(args, name, None)
+        value = getattr(augmentation, name)
         if value is not None:
             steps.append(T.ColorJitter(**{name: value}))
-    if getattr(args, "rand_perspective", None) is not None:
-        steps.append(_RandomPerspective(distortion_scale=args.rand_perspective))
-    crop_scale = getattr(args, "random_resized_crop", None)
+    if augmentation.rand_perspective is not None:
+        steps.append(_RandomPerspective(distortion_scale=augmentation.rand_perspective))
+    crop_scale = augmentation.random_resized_crop
     if crop_scale is not None:
         if not 0 <= crop_scale < 1:
             raise ValueError(f"--random_resized_crop {crop_scale}: must be in [0, 1) (crops of scale 1 - value to 1)")
         steps.append(T.RandomResizedCrop(size=list(resize), scale=(1 - crop_scale, 1.0)))
-    if getattr(args, "random_rotation", None) is not None:
-        steps.append(T.RandomRotation(degrees=args.random_rotation))
+    if augmentation.random_rotation is not None:
+        steps.append(T.RandomRotation(degrees=augmentation.random_rotation))
     steps += [T.Resize(list(resize)), T.ToTensor(), _normalize]
     return T.Compose(steps)
 
@@ -676,30 +730,32 @@ def _query_augmentation(args: argparse.Namespace, resize: tuple[int, int]) -> T.
 class QueryPositivePairs(Dataset):
     """Query-positive pairs of a training split, to train the DHE head (`train_dhe.py`).
 
-    `args.qp_mode` "gt" (as the original on msls): every query with each database image within
-    `args.val_positive_dist_threshold` metres (the evaluation positives).
+    `qp_mode` "gt" (as the original on msls): every query with each database image within the dataset's
+    `positive_dist_threshold` metres (the evaluation positives).
     "predicted" (as the original on pitts30k): the model's top-100 predictions (faiss IndexFlatL2 on the global
-    descriptors of hard-resized images) that are within `args.val_positive_dist_threshold` metres and whose faiss
-    distance, the squared L2 distance between descriptors, is below `args.qp_threshold`.
+    descriptors of hard-resized images, computed as `inference` says) that are within that threshold and whose
+    faiss distance, the squared L2 distance between descriptors, is below `qp_threshold`.
 
     Attributes: `pairs` (P, 2) int64 rows (query index, database index); `distances` (P,) float32 (the squared
     descriptor distances; NaN in gt mode). `dataset[i]` is (query (3, H, W), positive (3, H, W)), each an independent
-    RandomResizedCrop(args.resize, scale=(0.7, 1)) of the image without antialiasing (as the original), normalised;
+    RandomResizedCrop(dataset.resize, scale=(0.7, 1)) of the image without antialiasing (as the original), normalised;
     the crops draw from torch's global RNG. `pairs` (P, 2), when given, are used as they are (nothing computed).
     """
 
     def __init__(
         self,
-        args: argparse.Namespace,
         dataset: BaseDataset,
+        qp_mode: str = "predicted",
+        qp_threshold: float = 0.14,
         model: nn.Module | None = None,
+        inference: InferenceSettings | None = None,
         pairs: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
-        self.qp_mode = args.qp_mode
+        self.qp_mode = qp_mode
         # on tensors and without antialiasing, as the original's crops (torchvision 0.9 resized tensors so)
-        self.crop = T.RandomResizedCrop(size=list(args.resize), scale=QP_CROP_SCALE, antialias=False)
+        self.crop = T.RandomResizedCrop(size=list(dataset.resize), scale=QP_CROP_SCALE, antialias=False)
         if pairs is not None:  # pairs made earlier (by another process, or before a resumed run)
             self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
             if (
@@ -715,14 +771,14 @@ class QueryPositivePairs(Dataset):
             positives = dataset.get_positives()
             pairs = [(q, p) for q, query_positives in enumerate(positives) for p in query_positives]
             distances = np.full(len(pairs), np.nan, dtype=np.float32)
-            where = f"within {args.val_positive_dist_threshold} m (--val_positive_dist_threshold)"
+            where = f"within {dataset.positive_dist_threshold} m (--val_positive_dist_threshold)"
         elif self.qp_mode == "predicted":
-            if model is None:
-                raise ValueError("qp_mode 'predicted' needs a model to compute descriptors")
-            pairs, distances = self._predicted_pairs(args, dataset, model)
+            if model is None or inference is None:
+                raise ValueError("qp_mode 'predicted' needs a model and inference settings to compute descriptors")
+            pairs, distances = self._predicted_pairs(dataset, qp_threshold, model, inference)
             where = (
-                f"within {args.val_positive_dist_threshold} m among the top {QP_NUM_PREDICTIONS} predictions and "
-                f"closer than --qp_threshold {args.qp_threshold} in descriptor space"
+                f"within {dataset.positive_dist_threshold} m among the top {QP_NUM_PREDICTIONS} predictions and "
+                f"closer than --qp_threshold {qp_threshold} in descriptor space"
             )
         else:
             raise ValueError(f"unknown qp_mode {self.qp_mode!r}; expected 'gt' or 'predicted'")
@@ -734,9 +790,9 @@ class QueryPositivePairs(Dataset):
 
     @staticmethod
     def _predicted_pairs(
-        args: argparse.Namespace, dataset: BaseDataset, model: nn.Module
+        dataset: BaseDataset, qp_threshold: float, model: nn.Module, inference: InferenceSettings
     ) -> tuple[list[tuple[int, int]], list[float]]:
-        descriptors = _global_descriptors(args, model, dataset.hard_resized_images())
+        descriptors = _global_descriptors(inference, model, dataset.hard_resized_images())
         squared_distances, predictions = search(
             descriptors[: dataset.database_num],
             descriptors[dataset.database_num :],
@@ -745,7 +801,7 @@ class QueryPositivePairs(Dataset):
         pairs, distances = [], []
         for query_index, soft_positives in enumerate(dataset.get_positives()):
             is_positive = np.isin(predictions[query_index], soft_positives)
-            is_close = squared_distances[query_index] < args.qp_threshold
+            is_close = squared_distances[query_index] < qp_threshold
             for rank in np.flatnonzero(is_positive & is_close):
                 pairs.append((query_index, int(predictions[query_index, rank])))
                 distances.append(float(squared_distances[query_index, rank]))

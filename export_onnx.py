@@ -19,7 +19,6 @@ from pathlib import Path
 import commons
 import parser as flags
 from deploy.onnx_export import DEFAULT_OPSET, check_exported, export_models, require_onnx
-from model.features_extractor import PATCH_SIZE
 
 TOLERANCE = 1e-4
 """Largest relative difference (max |onnx - torch| / max |torch|) of any output that the export accepts."""
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export DHE-VPR's features extractor and DHE head to ONNX (CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    flags._add_model_flags(parser)  # the model flags of eval.py, with their defaults and help
+    flags.MODEL.add(parser)  # the model flags of eval.py, with their defaults, help and checks
     group = parser.add_argument_group("export")
     group.add_argument("--out", type=str, required=True, help="Folder for features_extractor.onnx and dhe_head.onnx.")
     group.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (14 or later).")
@@ -41,12 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    height, width = args.resize
-    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
-        parser.error(f"--resize {height} {width}: each side must be a positive multiple of {PATCH_SIZE}")
+    flags.MODEL.check(args, parser)
     if args.opset < 14:
         parser.error(f"--opset {args.opset}: must be 14 or later (scaled_dot_product_attention)")
-    args.resize = (height, width)
     return args
 
 
@@ -66,7 +62,9 @@ def main(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"--{flag} {path}: no such file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file, not a folder")
-    features_extractor, homography_regression = commons.build_models(args, commons.resolve_device("cpu"))
+    features_extractor, homography_regression = commons.build_models(
+        flags.model_config(args), commons.resolve_device("cpu")
+    )
     paths = export_models(features_extractor, homography_regression, args.out, args.opset)
     differences = check_exported(features_extractor, homography_regression, paths)
     for path in paths.values():

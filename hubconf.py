@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 _REPOSITORY = Path(__file__).resolve().parent
-_OWN_MODULES = ("model", "datasets_ws", "util", "commons", "interrupts")
+_OWN_MODULES = ("model", "evaluation", "datasets_ws", "util", "commons", "interrupts")
 
 
 def _check_own_modules_are_free() -> None:
@@ -47,9 +47,9 @@ def _check_own_modules_are_free() -> None:
 _check_own_modules_are_free()
 
 # Imported here, while torch.hub has this repository on sys.path: it is gone from it once `torch.hub.load` returns.
-from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402 - after the check above
+from commons import ModelConfig, build_models  # noqa: E402 - after the check above
+from datasets_ws import normalized_tensor, open_rgb_image  # noqa: E402 - after the check above
 from model import FeaturesExtractor, HomographyRegression  # noqa: E402 - after the check above
-from model.checkpoints import load_features_extractor, load_homography_regression  # noqa: E402 - after the check above
 from model.features_extractor import PATCH_SIZE  # noqa: E402 - after the check above
 from model.rerank import rerank_order, rerank_scores  # noqa: E402 - after the check above
 
@@ -142,7 +142,7 @@ class DHEVPR(nn.Module):
     def preprocess(self, image: str | os.PathLike) -> Tensor:
         """An image file as the model's input (3, H, W): RGB, resized to `resize` (bilinear, no antialiasing, as
         `eval.py`), ImageNet-normalised."""
-        return _normalized_tensor(open_rgb_image(str(image)), self.resize)
+        return normalized_tensor(open_rgb_image(str(image)), self.resize)
 
 
 def _check_path(name: str, value: str | os.PathLike | None) -> None:
@@ -219,14 +219,14 @@ def dhe_vpr(
         _check_path(name, value)
     _check_map_location(map_location)
     resize = (int(resize[0]), int(resize[1]))
-    features_extractor = FeaturesExtractor(resize, trunc_te, freeze_te, pretrained_cct if resume_fe is None else None)
-    if resume_fe is not None:
-        load_features_extractor(features_extractor, resume_fe, map_location)
-    elif pretrained_cct is None:
-        warnings.warn("dhe_vpr: no resume_fe, the features extractor has random weights", stacklevel=2)
-    homography_regression = HomographyRegression(resize)
-    if resume_hr is not None:
-        load_homography_regression(homography_regression, resume_hr, map_location)
-    else:
-        warnings.warn("dhe_vpr: no resume_hr, the DHE head has random weights", stacklevel=2)
+    pretrained_cct = pretrained_cct if resume_fe is None else None  # the checkpoint replaces every weight
+    config = ModelConfig(resize, trunc_te, freeze_te, pretrained_cct, resume_fe, resume_hr)
+    features_extractor, homography_regression = build_models(
+        config, torch.device("cpu"), map_location=map_location, on_random_weights=_warn_random_weights
+    )
     return DHEVPR(features_extractor, homography_regression).eval()
+
+
+def _warn_random_weights(flag: str, part: str) -> None:
+    # stacklevel 4: this function, build_models, dhe_vpr, then dhe_vpr's caller
+    warnings.warn(f"dhe_vpr: no {flag}, the {part} has random weights", stacklevel=4)

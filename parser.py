@@ -1,19 +1,27 @@
-"""Command-line flags of `eval.py`, `finetune.py` and `train_dhe.py`.
+"""Command-line flags of `eval.py`, `finetune.py` and `train_dhe.py`, and their conversion to the libraries' values.
 
 The flags and their defaults are those of the original DHE-VPR scripts; `--device`, `--amp`, `--pretrained_cct`,
 `--qp_mode`, `--save_predictions`, `--resume_train`, `--rei_weight`, `--rei_inliers` and `--rerank_val_from_epoch` are
-new, and `--patience` is opt-in (the original never stopped early). Every value is checked after parsing, and a bad
-one stops the script with a message that names the flag and what was expected.
+new, and `--patience` is opt-in (the original never stopped early). The flags come in groups (`FlagGroup`), each with
+the check of its values beside it; every value is checked after parsing, and a bad one stops the script with a
+message that names the flag and what was expected. `model_config`, `eval_settings`, `mining_settings`,
+`query_augmentation`, `inference_settings` and `dataset_options` turn the parsed flags into the plain values the
+libraries take.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from commons import check_exp_name
+import torch
+
+from commons import ModelConfig, check_exp_name
+from datasets_ws import InferenceSettings, MiningSettings, QueryAugmentation
+from evaluation.pipeline import EvalSettings
 from model.features_extractor import PATCH_SIZE
 from model.precision import COMPILE_MODES
 
@@ -62,7 +70,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume_hr", type=str, default=None, help="Checkpoint of the DHE (homography) head to load.")
 
 
-def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+def _check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    height, width = args.resize
+    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
+        parser.error(f"--resize {height} {width}: each side must be a positive multiple of {PATCH_SIZE}")
+    args.resize = (height, width)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="Seed of every random generator, 0 to 2**32 - 1.")
     group.add_argument(
@@ -109,6 +124,23 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="Batch size for descriptor extraction (the re-ranking has --rerank_batch_size).",
     )
+
+
+def _check_run_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_positive(args, parser, ("num_reranked_preds", "infer_batch_size"))
+    if args.num_workers < 0:
+        parser.error(f"--num_workers {args.num_workers}: must be >= 0")
+    try:
+        check_exp_name(args.exp_name)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.datasets_folder is None:
+        args.datasets_folder = os.environ.get("DATASETS_FOLDER")
+        if args.datasets_folder is None:
+            parser.error(
+                "no datasets folder: pass --datasets_folder or export DATASETS_FOLDER "
+                "(e.g. export DATASETS_FOLDER=datasets_vg/datasets)"
+            )
 
 
 def _add_test_flags(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +215,24 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_test_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_positive(args, parser, ("val_positive_dist_threshold",))
+    _check_ranges(args, parser, (("majority_weight", 0.0, math.inf, True, False),))
+    if args.rerank_batch_size is not None and args.rerank_batch_size <= 0:
+        parser.error(f"--rerank_batch_size {args.rerank_batch_size}: must be a positive integer")
+    if args.local_features_in_memory_mb < -1:
+        parser.error(
+            f"--local_features_in_memory_mb {args.local_features_in_memory_mb}: must be >= 0 (MB), or -1 (automatic)"
+        )
+    if any(n <= 0 for n in args.recall_values):
+        parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
+    local_features_dir = args.local_features_dir
+    if local_features_dir is not None and not os.path.isdir(local_features_dir):
+        parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
+    if local_features_dir is not None and not os.access(local_features_dir, os.W_OK | os.X_OK):
+        parser.error(f"--local_features_dir {local_features_dir}: not writable (the local features go there)")
+
+
 def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation outputs")
     group.add_argument(
@@ -208,6 +258,15 @@ def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_eval_output_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not 0 <= args.num_preds_to_save <= MAX_PREDS_TO_SAVE:
+        parser.error(f"--num_preds_to_save {args.num_preds_to_save}: must be between 0 and {MAX_PREDS_TO_SAVE}")
+    if args.save_only_wrong_preds and args.num_preds_to_save == 0:
+        parser.error("--save_only_wrong_preds needs --num_preds_to_save N with N > 0")
+    if args.save_only_wrong_preds and args.no_labels:
+        parser.error("--save_only_wrong_preds needs labels: it cannot be used with --no_labels")
+
+
 def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training-query augmentation")
     group.add_argument("--brightness", type=float, default=None, help="ColorJitter brightness for training queries.")
@@ -226,6 +285,23 @@ def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--random_rotation", type=float, default=None, help="RandomRotation of training queries, in degrees."
+    )
+
+
+def _check_augmentation_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    # ColorJitter draws its factor in float32: 1 + value must stay below float32's largest number (3.4e38)
+    _check_ranges(
+        args,
+        parser,
+        (
+            ("brightness", 0.0, 1e38, True, True),
+            ("contrast", 0.0, 1e38, True, True),
+            ("saturation", 0.0, 1e38, True, True),
+            ("hue", 0.0, 0.5, True, True),
+            ("rand_perspective", 0.0, 1.0, True, True),
+            ("random_resized_crop", 0.0, 1.0, True, False),
+            ("random_rotation", 0.0, 180.0, True, True),
+        ),
     )
 
 
@@ -304,6 +380,27 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_finetune_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_ranges(args, parser, (("lr", 0.0, math.inf, False, False), ("margin", 0.0, math.inf, True, False)))
+    positive = ("train_batch_size", "epochs_num", "cache_refresh_rate", "queries_per_epoch", "negs_num_per_query")
+    _check_positive(args, parser, (*positive, "neg_samples_num", "train_positives_dist_threshold"))
+    if args.queries_per_epoch % args.cache_refresh_rate != 0:
+        parser.error(
+            f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "
+            f"--cache_refresh_rate {args.cache_refresh_rate}"
+        )
+    if args.l2 != "before_pool":
+        parser.error(f"--l2 {args.l2}: only before_pool exists in DHE-VPR's features extractor (L2 -> GeM)")
+    if args.patience is not None and args.patience <= 0:
+        parser.error(f"--patience {args.patience}: must be a positive integer (leave it out to never stop early)")
+    if args.rei_weight < 0:
+        parser.error(f"--rei_weight {args.rei_weight}: must be >= 0")
+    if args.rerank_val_from_epoch is None:
+        args.rerank_val_from_epoch = 35 if args.dataset_name.lower() == "pitts30k" else 0
+    elif args.rerank_val_from_epoch < 0:
+        parser.error(f"--rerank_val_from_epoch {args.rerank_val_from_epoch}: must be >= 0")
+
+
 def _add_train_dhe_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DHE initialisation")
     group.add_argument("--lr", type=float, default=0.0001, help="Learning rate of the DHE head.")
@@ -340,85 +437,94 @@ def _add_train_dhe_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_train_dhe_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_ranges(args, parser, (("lr", 0.0, math.inf, False, False), ("qp_threshold", 0.0, math.inf, False, False)))
+    _check_positive(args, parser, ("n_epochs", "iterations_per_epoch", "batch_size"))
+    if args.qp_mode is None:
+        args.qp_mode = "gt" if args.dataset_name.lower().startswith("msls") else "predicted"
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("REI loss").add_argument(
+        "--rei_inliers",
+        type=str,
+        default="minimal",
+        choices=["minimal", "refined"],
+        help="How the REI loss counts RANSAC's inliers k: those of the best minimal (4-point) model, as the "
+        "original's OpenCV 3.4.13 (minimal, default), or those recounted under the refitted model, as OpenCV "
+        "4.11 and later (refined). See docs/ransac.md.",
+    )
+    group = parser.add_argument_group("resuming")
+    group.add_argument(
+        "--resume_train",
+        type=str,
+        default=None,
+        help="A last_checkpoint.pth of an interrupted or finished run of this script: continue it exactly "
+        "(models, optimizer, scheduler, AMP scaler, epoch, random generators) in a new run folder, up to the "
+        "epochs asked for now.",
+    )
+    amp = next(action for action in parser._actions if action.dest == "amp")
+    amp.help = (
+        "Train under autocast (bf16 on CPU and on GPUs that have it, else fp16 with a gradient scaler); the "
+        "matching and RANSAC of the REI loss stay fp32. Validation and test re-rank with the head in bf16/fp16."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagGroup:
+    """Flags that belong together: `add` puts them on a parser, `check` validates (and completes) their values
+    (None: any value their type and choices allow)."""
+
+    add: Callable[[argparse.ArgumentParser], None]
+    check: Callable[[argparse.Namespace, argparse.ArgumentParser], None] | None = None
+
+
+MODEL = FlagGroup(_add_model_flags, _check_model_flags)
+RUN = FlagGroup(_add_run_flags, _check_run_flags)
+TEST = FlagGroup(_add_test_flags, _check_test_flags)
+EVAL_OUTPUTS = FlagGroup(_add_eval_output_flags, _check_eval_output_flags)
+AUGMENTATION = FlagGroup(_add_augmentation_flags, _check_augmentation_flags)
+FINETUNE = FlagGroup(_add_finetune_flags, _check_finetune_flags)
+TRAIN_DHE = FlagGroup(_add_train_dhe_flags, _check_train_dhe_flags)
+TRAINING = FlagGroup(_add_training_flags)
+
+# The groups of each script, in the order of its --help. eval.py keeps the augmentation flags of the original's
+# parser (accepted, unused) so that its command lines keep working.
+SCRIPT_GROUPS = {
+    "eval": (MODEL, RUN, TEST, EVAL_OUTPUTS, AUGMENTATION),
+    "finetune": (MODEL, RUN, TEST, AUGMENTATION, FINETUNE, TRAINING),
+    "train_dhe": (MODEL, RUN, TEST, TRAIN_DHE, TRAINING),
+}
+
+
 def build_parser(script: str) -> argparse.ArgumentParser:
     """The parser of one script: "eval", "finetune" or "train_dhe"."""
-    if script not in ("eval", "finetune", "train_dhe"):
+    if script not in SCRIPT_GROUPS:
         raise ValueError(f"unknown script {script!r}; expected 'eval', 'finetune' or 'train_dhe'")
     parser = argparse.ArgumentParser(
         prog=f"{script}.py",
         description="DHE-VPR: deep homography estimation for visual place recognition.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_model_flags(parser)
-    _add_common_flags(parser)
-    _add_test_flags(parser)
-    if script == "eval":
-        _add_eval_output_flags(parser)
-    else:  # the training scripts' validation and test runs (eval.test) write no pictures and need labels
-        parser.set_defaults(num_preds_to_save=0, save_only_wrong_preds=False, no_labels=False)
-    if script in ("finetune", "eval"):
-        _add_augmentation_flags(parser)
-    if script == "finetune":
-        _add_finetune_flags(parser)
-    if script == "train_dhe":
-        _add_train_dhe_flags(parser)
-    if script in ("finetune", "train_dhe"):
-        parser.add_argument_group("REI loss").add_argument(
-            "--rei_inliers",
-            type=str,
-            default="minimal",
-            choices=["minimal", "refined"],
-            help="How the REI loss counts RANSAC's inliers k: those of the best minimal (4-point) model, as the "
-            "original's OpenCV 3.4.13 (minimal, default), or those recounted under the refitted model, as OpenCV "
-            "4.11 and later (refined). See docs/ransac.md.",
-        )
-        group = parser.add_argument_group("resuming")
-        group.add_argument(
-            "--resume_train",
-            type=str,
-            default=None,
-            help="A last_checkpoint.pth of an interrupted or finished run of this script: continue it exactly "
-            "(models, optimizer, scheduler, AMP scaler, epoch, random generators) in a new run folder, up to the "
-            "epochs asked for now.",
-        )
-        amp = next(action for action in parser._actions if action.dest == "amp")
-        amp.help = (
-            "Train under autocast (bf16 on CPU and on GPUs that have it, else fp16 with a gradient scaler); the "
-            "matching and RANSAC of the REI loss stay fp32. Validation and test re-rank with the head in bf16/fp16."
-        )
+    for group in SCRIPT_GROUPS[script]:
+        group.add(parser)
     return parser
 
 
-# (flag, low, high, low inclusive, high inclusive): ranges of the float flags, where the flag exists and is set
-_FLOAT_RANGES = (
-    ("lr", 0.0, math.inf, False, False),
-    ("margin", 0.0, math.inf, True, False),
-    ("qp_threshold", 0.0, math.inf, False, False),
-    ("majority_weight", 0.0, math.inf, True, False),
-    # ColorJitter draws its factor in float32: 1 + value must stay below float32's largest number (3.4e38)
-    ("brightness", 0.0, 1e38, True, True),
-    ("contrast", 0.0, 1e38, True, True),
-    ("saturation", 0.0, 1e38, True, True),
-    ("hue", 0.0, 0.5, True, True),
-    ("rand_perspective", 0.0, 1.0, True, True),
-    ("random_resized_crop", 0.0, 1.0, True, False),
-    ("random_rotation", 0.0, 180.0, True, True),
-)
+def _check_positive(args: argparse.Namespace, parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
 
 
-def _check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Every float flag finite, every int flag within int32 (seed: numpy's 0 .. 2**32 - 1), then per-flag ranges."""
-    for name, value in sorted(vars(args).items()):
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if isinstance(item, float) and not math.isfinite(item):
-                parser.error(f"--{name} {item}: must be a finite number")
-            if isinstance(item, int) and not isinstance(item, bool) and name != "seed" and abs(item) > MAX_COUNT:
-                parser.error(f"--{name} {item}: must be at most {MAX_COUNT} in absolute value")
-    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        parser.error(f"--seed {args.seed}: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (numpy's seed range)")
-    for name, low, high, low_inclusive, high_inclusive in _FLOAT_RANGES:
-        value = getattr(args, name, None)
+def _check_ranges(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    ranges: Sequence[tuple[str, float, float, bool, bool]],
+) -> None:
+    """`ranges`: (flag, low, high, low inclusive, high inclusive) of float flags, checked when set."""
+    for name, low, high, low_inclusive, high_inclusive in ranges:
+        value = getattr(args, name)
         if value is None:
             continue
         above = value >= low if low_inclusive else value > low
@@ -428,85 +534,107 @@ def _check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             parser.error(f"--{name} {value}: must be in {interval}")
 
 
-def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Validate parsed values; `parser.error` (exit 2) names the flag and what was expected."""
+def _check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every float flag finite, every int flag within int32 (seed: numpy's 0 .. 2**32 - 1)."""
+    for name, value in sorted(vars(args).items()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                parser.error(f"--{name} {item}: must be a finite number")
+            if isinstance(item, int) and not isinstance(item, bool) and name != "seed" and abs(item) > MAX_COUNT:
+                parser.error(f"--{name} {item}: must be at most {MAX_COUNT} in absolute value")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        parser.error(f"--seed {args.seed}: must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (numpy's seed range)")
+
+
+def check_arguments(script: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Validate the parsed values of `script`'s flags, group by group; `parser.error` (exit 2) names the flag and
+    what was expected. Fills the defaults that depend on other flags (--datasets_folder from $DATASETS_FOLDER,
+    --rerank_val_from_epoch, --qp_mode); --resize becomes a tuple."""
     _check_numbers(args, parser)
-    height, width = args.resize
-    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
-        parser.error(f"--resize {height} {width}: each side must be a positive multiple of {PATCH_SIZE}")
-    positive_ints = ["num_reranked_preds", "infer_batch_size", "val_positive_dist_threshold"]
-    positive_ints += [
-        name
-        for name in (
-            "train_batch_size",
-            "epochs_num",
-            "cache_refresh_rate",
-            "queries_per_epoch",
-            "negs_num_per_query",
-            "neg_samples_num",
-            "n_epochs",
-            "iterations_per_epoch",
-            "batch_size",
-            "train_positives_dist_threshold",
-        )
-        if hasattr(args, name)
-    ]
-    for name in positive_ints:
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
-    if hasattr(args, "num_preds_to_save"):
-        if not 0 <= args.num_preds_to_save <= MAX_PREDS_TO_SAVE:
-            parser.error(f"--num_preds_to_save {args.num_preds_to_save}: must be between 0 and {MAX_PREDS_TO_SAVE}")
-        if args.save_only_wrong_preds and args.num_preds_to_save == 0:
-            parser.error("--save_only_wrong_preds needs --num_preds_to_save N with N > 0")
-        if args.save_only_wrong_preds and args.no_labels:
-            parser.error("--save_only_wrong_preds needs labels: it cannot be used with --no_labels")
-    if getattr(args, "rerank_batch_size", None) is not None and args.rerank_batch_size <= 0:
-        parser.error(f"--rerank_batch_size {args.rerank_batch_size}: must be a positive integer")
-    if getattr(args, "local_features_in_memory_mb", -1) < -1:
-        parser.error(
-            f"--local_features_in_memory_mb {args.local_features_in_memory_mb}: must be >= 0 (MB), or -1 (automatic)"
-        )
-    if args.num_workers < 0:
-        parser.error(f"--num_workers {args.num_workers}: must be >= 0")
-    if any(n <= 0 for n in args.recall_values):
-        parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
-    local_features_dir = getattr(args, "local_features_dir", None)
-    if local_features_dir is not None and not os.path.isdir(local_features_dir):
-        parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
-    if local_features_dir is not None and not os.access(local_features_dir, os.W_OK | os.X_OK):
-        parser.error(f"--local_features_dir {local_features_dir}: not writable (the local features go there)")
-    try:
-        check_exp_name(args.exp_name)
-    except ValueError as error:
-        parser.error(str(error))
-    if hasattr(args, "queries_per_epoch") and args.queries_per_epoch % args.cache_refresh_rate != 0:
-        parser.error(
-            f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of "
-            f"--cache_refresh_rate {args.cache_refresh_rate}"
-        )
-    if getattr(args, "l2", "before_pool") != "before_pool":
-        parser.error(f"--l2 {args.l2}: only before_pool exists in DHE-VPR's features extractor (L2 -> GeM)")
-    if args.datasets_folder is None:
-        args.datasets_folder = os.environ.get("DATASETS_FOLDER")
-        if args.datasets_folder is None:
-            parser.error(
-                "no datasets folder: pass --datasets_folder or export DATASETS_FOLDER "
-                "(e.g. export DATASETS_FOLDER=datasets_vg/datasets)"
-            )
-    if getattr(args, "patience", None) is not None and args.patience <= 0:
-        parser.error(f"--patience {args.patience}: must be a positive integer (leave it out to never stop early)")
-    if getattr(args, "rei_weight", 0.0) < 0:
-        parser.error(f"--rei_weight {args.rei_weight}: must be >= 0")
-    if hasattr(args, "rerank_val_from_epoch"):
-        if args.rerank_val_from_epoch is None:
-            args.rerank_val_from_epoch = 35 if args.dataset_name.lower() == "pitts30k" else 0
-        elif args.rerank_val_from_epoch < 0:
-            parser.error(f"--rerank_val_from_epoch {args.rerank_val_from_epoch}: must be >= 0")
-    if hasattr(args, "qp_mode") and args.qp_mode is None:
-        args.qp_mode = "gt" if args.dataset_name.lower().startswith("msls") else "predicted"
-    args.resize = (height, width)
+    for group in SCRIPT_GROUPS[script]:
+        if group.check is not None:
+            group.check(args, parser)
     return args
+
+
+# ------------------------------------------------------------------------------------------- flags -> plain values
+def model_config(args: argparse.Namespace, resume_train: str | None = None) -> ModelConfig:
+    """The model group's flags; `resume_train`: the training scripts' --resume_train."""
+    return ModelConfig(
+        resize=tuple(args.resize),
+        trunc_te=args.trunc_te,
+        freeze_te=args.freeze_te,
+        pretrained_cct=args.pretrained_cct,
+        resume_fe=args.resume_fe,
+        resume_hr=args.resume_hr,
+        resume_train=resume_train,
+    )
+
+
+def eval_settings(args: argparse.Namespace, outputs: bool = False) -> EvalSettings:
+    """The evaluation's flags (run and test groups); with `outputs` (eval.py) also its pictures and --no_labels,
+    which the training scripts' validation and test runs do without."""
+    settings = EvalSettings(
+        recall_values=tuple(args.recall_values),
+        test_method=args.test_method,
+        majority_weight=args.majority_weight,
+        num_reranked_preds=args.num_reranked_preds,
+        infer_batch_size=args.infer_batch_size,
+        rerank_batch_size=args.rerank_batch_size,
+        num_workers=args.num_workers,
+        amp=args.amp,
+        compile_head=args.compile_head,
+        local_features_in_memory_mb=args.local_features_in_memory_mb,
+        local_features_dir=args.local_features_dir,
+        exp_name=args.exp_name,
+        save_predictions=args.save_predictions,
+        features_checkpoint=args.resume_fe,
+    )
+    if not outputs:
+        return settings
+    return dataclasses.replace(
+        settings,
+        no_labels=args.no_labels,
+        num_preds_to_save=args.num_preds_to_save,
+        save_only_wrong_preds=args.save_only_wrong_preds,
+    )
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of every `BaseDataset` / `TripletsDataset` of a script: resize, positive_dist_threshold."""
+    return {"resize": tuple(args.resize), "positive_dist_threshold": args.val_positive_dist_threshold}
+
+
+def mining_settings(args: argparse.Namespace) -> MiningSettings:
+    """The fine-tuning's mining flags."""
+    return MiningSettings(
+        mining=args.mining,
+        neg_samples_num=args.neg_samples_num,
+        negs_num_per_query=args.negs_num_per_query,
+        cache_refresh_rate=args.cache_refresh_rate,
+        train_positives_dist_threshold=args.train_positives_dist_threshold,
+        seed=args.seed,
+    )
+
+
+def query_augmentation(args: argparse.Namespace) -> QueryAugmentation:
+    """The training-query augmentation flags."""
+    return QueryAugmentation(
+        brightness=args.brightness,
+        contrast=args.contrast,
+        saturation=args.saturation,
+        hue=args.hue,
+        rand_perspective=args.rand_perspective,
+        random_resized_crop=args.random_resized_crop,
+        random_rotation=args.random_rotation,
+    )
+
+
+def inference_settings(args: argparse.Namespace, device: torch.device) -> InferenceSettings:
+    """How the training scripts compute descriptors for mining and pairs: on `device`, --infer_batch_size a batch,
+    --num_workers loader processes."""
+    return InferenceSettings(device=device, batch_size=args.infer_batch_size, num_workers=args.num_workers)
 
 
 def given_flags(script: str, argv: Sequence[str] | None = None) -> set[str]:
@@ -521,4 +649,4 @@ def given_flags(script: str, argv: Sequence[str] | None = None) -> set[str]:
 def parse_arguments(script: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags of `script` ("eval", "finetune" or "train_dhe")."""
     parser = build_parser(script)
-    return check_arguments(parser.parse_args(argv), parser)
+    return check_arguments(script, parser.parse_args(argv), parser)

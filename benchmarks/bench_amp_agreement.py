@@ -5,8 +5,9 @@
 The world is generated first if missing (synthetic.py defaults). Models: the features extractor and DHE head with
 seeded random weights, the head's output bias spread over the image corners (so that it predicts well-posed
 homographies, as a trained head does). The global stage is computed once; the top `--num_reranked_preds` of every
-query are re-ranked twice, in fp32 and with the head under bf16 autocast, through `util.rerank_predictions` as
-`eval.py` runs it. Prints the share of queries whose top-1 is the same, the mean score change and both timings.
+query are re-ranked twice, in fp32 and with the head under bf16 autocast, through
+`evaluation.reranking.rerank_predictions` as `eval.py` runs it. Prints the share of queries whose top-1 is the
+same, the mean score change and both timings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torch
 import commons
 import util
 from datasets_ws import BaseDataset
+from evaluation.local_features import LocalFeatureStore
+from evaluation.reranking import rerank_predictions
+from evaluation.retrieval import search
 from model import FeaturesExtractor, HomographyRegression
 from model.dhe import init_spread_corners_
 from tools.synthetic.world import generate_world
@@ -43,8 +46,7 @@ def main() -> None:
     if not world.exists():
         generate_world(args.datasets_folder, args.dataset_name)
     resize = tuple(args.resize)
-    dataset_args = SimpleNamespace(resize=resize, test_method="hard_resize", val_positive_dist_threshold=25)
-    dataset = BaseDataset(dataset_args, args.datasets_folder, args.dataset_name, "test")
+    dataset = BaseDataset(args.datasets_folder, args.dataset_name, "test", resize=resize)
     device = commons.resolve_device(args.device)
 
     torch.manual_seed(args.seed)
@@ -55,16 +57,16 @@ def main() -> None:
     num_queries = dataset.queries_num if args.max_queries is None else min(args.max_queries, dataset.queries_num)
     query_indexes = list(range(dataset.database_num, dataset.database_num + num_queries))
     with tempfile.TemporaryDirectory() as temporary:
-        store = util.LocalFeatureStore(
+        store = LocalFeatureStore(
             Path(temporary) / "local.f16", len(dataset.images_paths), (384, *features_extractor.grid_size)
         )
         images = dataset.hard_resized_images(list(range(dataset.database_num)) + query_indexes)
         descriptors = util.extract_features(features_extractor, images, device, args.infer_batch_size, 0, store)
-        _, predictions = util.search(descriptors[: dataset.database_num], descriptors[dataset.database_num :], 32)
+        _, predictions = search(descriptors[: dataset.database_num], descriptors[dataset.database_num :], 32)
         results = {}
         for amp in (False, True):
             start = time.perf_counter()
-            results[amp] = util.rerank_predictions(
+            results[amp] = rerank_predictions(
                 head, store, query_indexes, predictions, args.num_reranked_preds, args.infer_batch_size, device, amp
             )
             elapsed = time.perf_counter() - start

@@ -23,11 +23,10 @@ from tools.synthetic.world import generate_world
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
-import resource, sys
+import resource, runpy, sys
 sys.argv = ["eval.py", *sys.argv[1:]]
 sys.path.insert(0, {root!r})
-import eval as eval_script
-eval_script.cli(sys.argv[1:])
+runpy.run_path({script!r}, run_name="__main__")  # eval.py as a script, in this process
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -40,7 +39,7 @@ def peak_rss_kb(
         argv += ["--local_features_in_memory_mb", str(in_memory_mb)]
     argv += ["--device", "cpu", "--num_workers", "0", "--num_reranked_preds", str(num_reranked), "--exp_name", "mem"]
     completed = subprocess.run(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT)), *argv],
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), script=str(ROOT / "eval.py")), *argv],
         cwd=workdir,
         capture_output=True,
         text=True,

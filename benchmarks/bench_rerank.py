@@ -25,6 +25,7 @@ re-ranking stage end to end, fp32 and amp, on CPU or CUDA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -43,6 +44,9 @@ import torch.nn.functional as F
 import commons
 import datasets_ws
 import util
+from evaluation import reranking
+from evaluation.local_features import default_rerank_batch_size
+from evaluation.pipeline import EvalSettings, evaluate
 from model import FeaturesExtractor, HomographyRegression, compute_similarity, dhe
 from model.dhe import init_spread_corners_
 from model.features_extractor import PATCH_SIZE
@@ -267,19 +271,18 @@ def kernel_section(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
-    """Section 2: eval.py's re-ranking stage against the kernel at the same size and pass size."""
-    import eval as eval_script
+    """Section 2: eval.py's re-ranking stage (`evaluation.pipeline.evaluate`) against the kernel at the same size and
+    pass size."""
     from model import FeaturesExtractor
     from model.checkpoints import save_state_dict
     from tools.synthetic.world import generate_world
 
     resize = tuple(args.e2e_resize)
-    pass_size = args.e2e_pass_size or util.default_rerank_batch_size(device)
+    pass_size = args.e2e_pass_size or default_rerank_batch_size(device)
     print(
         f"\n2. eval.py end to end: {args.e2e_queries} queries x {args.num_reranked_preds} candidates, "
         f"{args.e2e_database} database images at {resize}, {pass_size} pairs a pass, random weights"
     )
-    cwd = Path.cwd()
     with tempfile.TemporaryDirectory() as temporary:
         temporary = Path(temporary)
         start = time.perf_counter()
@@ -296,12 +299,16 @@ def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
         head = init_spread_corners_(HomographyRegression(resize=resize).eval())
         save_state_dict(head, temporary / "hr.torch")
         print(f"world and checkpoints in {time.perf_counter() - start:.1f} s (not timed)")
-        argv = ["--datasets_folder", str(temporary / "worlds"), "--dataset_name", "bench"]
-        argv += ["--resize", *map(str, resize), "--trunc_te", str(args.e2e_trunc_te), "--device", device.type]
-        argv += ["--resume_fe", str(temporary / "fe.torch"), "--resume_hr", str(temporary / "hr.torch")]
-        argv += ["--num_workers", str(args.num_workers), "--rerank_batch_size", str(pass_size)]
-        argv += ["--num_reranked_preds", str(args.num_reranked_preds), "--recall_values", "1"]
-        argv += ["--compile_head", args.compile_head]
+        model_config = commons.ModelConfig(
+            resize, args.e2e_trunc_te, resume_fe=str(temporary / "fe.torch"), resume_hr=str(temporary / "hr.torch")
+        )
+        settings = EvalSettings(
+            recall_values=(1,),
+            num_reranked_preds=args.num_reranked_preds,
+            rerank_batch_size=pass_size,
+            num_workers=args.num_workers,
+            compile_head=args.compile_head,
+        )
 
         # The kernel's rate at the same size: rerank_scores on random unit features, in memory, same pass size.
         generator = torch.Generator().manual_seed(args.seed)
@@ -312,34 +319,41 @@ def end_to_end_section(args: argparse.Namespace, device: torch.device) -> None:
             torch.randn(kernel_queries, args.num_reranked_preds, 384, *grid, generator=generator), dim=2
         ).to(device)
         head = head.to(device)
-        os.chdir(temporary)
-        try:
-            print(f"{'precision':<10} {'kernel pairs/s':>15} {'eval.py pairs/s':>16} {'fraction':>9}")
-            for amp in (False, True):
+        print(f"{'precision':<10} {'kernel pairs/s':>15} {'eval.py pairs/s':>16} {'fraction':>9}")
+        for amp in (False, True):
 
-                def kernel_rate(amp: bool = amp) -> float:
-                    _, seconds = timed(lambda: rerank_scores(head, local_q, local_c, pass_size, amp=amp), device)
-                    return local_c.shape[0] * local_c.shape[1] / seconds
+            def kernel_rate(amp: bool = amp) -> float:
+                _, seconds = timed(lambda: rerank_scores(head, local_q, local_c, pass_size, amp=amp), device)
+                return local_c.shape[0] * local_c.shape[1] / seconds
 
-                kernel_rate()  # warm-up
-                before = kernel_rate()
-                result = eval_script.cli([*argv, "--exp_name", "amp" if amp else "fp32", *(["--amp"] if amp else [])])
-                pairs = result["rerank_scores"].size
-                e2e_rate = pairs / result["rerank_seconds"]
-                # The better of the rates measured just before and after the run (the machine's load may vary).
-                kernel_rate = max(before, kernel_rate())
-                name = "amp" if amp else "fp32"
-                print(f"{name:<10} {kernel_rate:15.2f} {e2e_rate:16.2f} {e2e_rate / kernel_rate:9.0%}", flush=True)
-        finally:
-            os.chdir(cwd)
+            kernel_rate()  # warm-up
+            before = kernel_rate()
+            name = "amp" if amp else "fp32"
+            commons.make_deterministic(0)  # as eval.py
+            (temporary / name).mkdir()
+            result = evaluate(
+                dataclasses.replace(settings, amp=amp, exp_name=name),
+                model_config,
+                str(temporary / "worlds"),
+                "bench",
+                25,
+                device,
+                temporary / name,
+            )
+            pairs = result["rerank_scores"].size
+            e2e_rate = pairs / result["rerank_seconds"]
+            # The better of the rates measured just before and after the run (the machine's load may vary).
+            kernel_rate = max(before, kernel_rate())
+            print(f"{name:<10} {kernel_rate:15.2f} {e2e_rate:16.2f} {e2e_rate / kernel_rate:9.0%}", flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
     device = commons.resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    logging.disable(logging.INFO)  # eval.py's log lines go to its (temporary) run folders
-    util.tqdm = functools.partial(util.tqdm, disable=True)  # and its progress bars would bury the figures
+    logging.disable(logging.INFO)  # the evaluation's log lines would bury the figures
+    util.tqdm = functools.partial(util.tqdm, disable=True)  # and so would its progress bars
+    reranking.tqdm = functools.partial(reranking.tqdm, disable=True)
     print(
         f"{device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"head kernels on CPU: {dhe.cpu_kernels()}"

@@ -7,7 +7,8 @@
 
 Both graphs have a dynamic batch axis and a fixed image size (`--resize`). ONNX has no linear solve, so the DLT of
 the 4 point pairs and the inlier count run outside the graph, in `rerank_from_points`, with the very functions that
-`eval.py` uses (`points_to_homography`, `inlier_scores`, and the tie ordering of `util.rerank_predictions`).
+`eval.py` uses (`points_to_homography`, `inlier_scores`, and the tie ordering of
+`evaluation.reranking.rerank_predictions`).
 
 The export needs the `onnx` package, the check `onnxruntime`: both are optional for users (requirements-dev.txt);
 `require_onnx` raises `MissingOnnxError` with the command that installs them.
@@ -30,7 +31,7 @@ from model import FeaturesExtractor, HomographyRegression, compute_similarity
 from model.dhe import cpu_kernels, set_cpu_kernels
 from model.geometry import points_to_homography
 from model.matching import inlier_scores
-from util import _rerank_order  # the one implementation of eval.py's order, ties included
+from model.rerank import rerank_order  # eval.py's order, ties included
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -284,5 +285,5 @@ def rerank_from_points(
     with torch.inference_mode():
         scores = inlier_scores(local_q, local_c, points_to_homography(points), image_hw)
     scores = scores.numpy().astype(np.float32)
-    order, _ = _rerank_order(scores[None].astype(np.float64))
+    order, _ = rerank_order(scores[None].astype(np.float64))
     return order[0], scores

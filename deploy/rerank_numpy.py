@@ -2,9 +2,10 @@
 
 This file imports nothing but numpy, so that it can be copied beside the two .onnx files. It computes what
 `deploy.onnx_export.rerank_from_points` computes with the torch functions of `eval.py` (`points_to_homography`,
-`inlier_scores`, the tie ordering of `util.rerank_predictions`); tests/test_onnx_export.py checks that both give the
-same counts and orders. The conventions are those of `model.geometry`: one keypoint per 16 x 16 patch at its
-centre, positions row by row, homographies from query pixels to candidate pixels, inliers within 48 px.
+`inlier_scores`, the tie ordering of `evaluation.reranking.rerank_predictions`); tests/test_onnx_export.py checks
+that both give the same counts and orders. The conventions are those of `model.geometry`: one keypoint per
+16 x 16 patch at its centre, positions row by row, homographies from query pixels to candidate pixels, inliers
+within 48 px.
 """
 
 from __future__ import annotations

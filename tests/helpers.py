@@ -56,3 +56,22 @@ def patch_descriptors(images: torch.Tensor, patch_size: int = 16) -> torch.Tenso
     b, c, h, w = cells.shape
     cells = cells.view(b, c, h // 4, 4, w // 4, 4).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 16, h // 4, w // 4)
     return F.normalize(cells - cells.mean(dim=1, keepdim=True), dim=1)
+
+
+def eval_argv(
+    dataset: Path,
+    *extra: str,
+    resize: int = 64,
+    trunc_te: int = 1,
+    checkpoints: Path | None = None,
+    device: str = "cpu",
+) -> list[str]:
+    """The flags of a small eval.py run of `dataset` (<datasets_folder>/<dataset_name>) on CPU-sized inputs:
+    `resize` x `resize` images, `trunc_te` CCT blocks, R@1 and R@5, no loader processes, the checkpoints `fe.torch`
+    and `hr.torch` of the folder `checkpoints` when given, then `extra`."""
+    argv = ["--datasets_folder", str(dataset.parent), "--dataset_name", dataset.name]
+    argv += ["--resize", str(resize), str(resize), "--trunc_te", str(trunc_te), "--recall_values", "1", "5"]
+    argv += ["--device", str(device), "--num_workers", "0"]
+    if checkpoints is not None:
+        argv += ["--resume_fe", str(checkpoints / "fe.torch"), "--resume_hr", str(checkpoints / "hr.torch")]
+    return [*argv, *extra]

@@ -67,6 +67,25 @@ def make_args(tmp_path: Path, *extra: str, script: str = "finetune"):
     return parser.parse_arguments(script, [*argv, *extra])
 
 
+def base_dataset(args, folder: Path, name: str, split: str) -> datasets_ws.BaseDataset:
+    return datasets_ws.BaseDataset(str(folder), name, split, **parser.dataset_options(args))
+
+
+def triplets_dataset(args, folder: Path) -> datasets_ws.TripletsDataset:
+    return datasets_ws.TripletsDataset(
+        str(folder),
+        "toy",
+        "train",
+        **parser.dataset_options(args),
+        mining=parser.mining_settings(args),
+        augmentation=parser.query_augmentation(args),
+    )
+
+
+def inference(args) -> datasets_ws.InferenceSettings:
+    return parser.inference_settings(args, torch.device("cpu"))
+
+
 def database_index(dataset: datasets_ws.BaseDataset, name: str) -> int:
     east, north, _ = DATABASE[name]
     return int(np.flatnonzero((dataset.database_utms == (east, north)).all(axis=1))[0])
@@ -109,7 +128,7 @@ def test_layout_counts_and_nested_folders(tmp_path: Path):
     save_image(split / "database" / utm_name(50, 60, extension=".jpeg"))
     (split / "database" / "notes.txt").write_text("not an image")
     save_image(split / "queries" / utm_name(11, 21))
-    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "val")
+    dataset = base_dataset(make_args(tmp_path), tmp_path, "toy", "val")
 
     assert (dataset.database_num, dataset.queries_num, len(dataset)) == (3, 1, 4)
     assert dataset.database_paths == sorted(dataset.database_paths)
@@ -124,14 +143,14 @@ def test_layout_counts_and_nested_folders(tmp_path: Path):
 
 def test_gallery_is_an_alias_of_database(tmp_path: Path):
     build_split(tmp_path / "toy" / "images" / "test", DATABASE, QUERIES, database_folder="gallery")
-    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "test")
+    dataset = base_dataset(make_args(tmp_path), tmp_path, "toy", "test")
     assert dataset.database_num == len(DATABASE)
     assert all("/gallery/" in p for p in dataset.database_paths)
 
 
 # -------------------------------------------------------------------------------------------------------- positives
 def test_soft_positives_against_hand_computed_distances(toy: Path):
-    dataset = datasets_ws.BaseDataset(make_args(toy), str(toy), "toy", "train")
+    dataset = base_dataset(make_args(toy), toy, "toy", "train")
     positives = dataset.get_positives()
     assert positives[query_index(dataset, "qa")].tolist() == [database_index(dataset, n) for n in ("d0", "d1", "d2")]
     assert positives[query_index(dataset, "qb")].tolist() == [database_index(dataset, n) for n in ("d4", "d5")]
@@ -141,7 +160,7 @@ def test_soft_positives_against_hand_computed_distances(toy: Path):
 
 def test_training_queries_without_hard_positive_are_dropped(toy: Path, caplog):
     with caplog.at_level(logging.INFO, logger="datasets_ws"):
-        dataset = datasets_ws.TripletsDataset(make_args(toy), str(toy), "toy", "train")
+        dataset = triplets_dataset(make_args(toy), toy)
     assert "2 of 4 training queries" in caplog.text
     assert dataset.queries_num == 2 and len(dataset.queries_paths) == 2 and dataset.queries_utms.shape == (2, 2)
     assert dataset.images_paths == dataset.database_paths + dataset.queries_paths
@@ -166,9 +185,9 @@ def assert_valid_triplets(dataset: datasets_ws.TripletsDataset, negatives_num: i
 @pytest.mark.parametrize("mining", ["partial", "full", "random"])
 def test_mining_yields_valid_triplets(toy: Path, mining: str):
     args = make_args(toy, "--mining", mining)
-    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    dataset = triplets_dataset(args, toy)
     for _ in range(2):  # full mining reuses its negative cache the second time
-        dataset.compute_triplets(args, MeanColourModel())
+        dataset.compute_triplets(MeanColourModel(), inference(args))
         assert_valid_triplets(dataset)
     by_query = {row[0]: row for row in dataset.triplets_global_indexes.tolist()}
     qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
@@ -185,10 +204,10 @@ def test_mining_yields_valid_triplets(toy: Path, mining: str):
 def test_triplet_items_and_collate(toy: Path):
     args = make_args(toy, "--horizontal_flip", "--brightness", "0.3", "--random_resized_crop", "0.6")
     args.random_rotation, args.rand_perspective, args.hue = 5.0, 0.2, 0.1
-    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    dataset = triplets_dataset(args, toy)
     with pytest.raises(RuntimeError, match="compute_triplets"):
         dataset[0]
-    dataset.compute_triplets(args, MeanColourModel())
+    dataset.compute_triplets(MeanColourModel(), inference(args))
     images, local_indexes, global_indexes = dataset[0]
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert local_indexes.tolist() == [[0, 1, 2], [0, 1, 3]]
@@ -209,8 +228,8 @@ def test_mining_is_deterministic_given_the_seed(toy: Path):
     args = make_args(toy, "--mining", "random", "--seed", "7")
     results = []
     for _ in range(2):
-        dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
-        dataset.compute_triplets(args, MeanColourModel())
+        dataset = triplets_dataset(args, toy)
+        dataset.compute_triplets(MeanColourModel(), inference(args))
         results.append(dataset.triplets_global_indexes)
     assert torch.equal(*results)
 
@@ -226,7 +245,7 @@ def build_msls_split(root: Path, with_notes: bool = True) -> None:
 def test_msls_weighted_mining(tmp_path: Path):
     build_msls_split(tmp_path / "toy" / "images" / "train")
     args = make_args(tmp_path, "--mining", "msls_weighted", "--neg_samples_num", "6")
-    dataset = datasets_ws.TripletsDataset(args, str(tmp_path), "toy", "train")
+    dataset = triplets_dataset(args, tmp_path)
     weights = {
         datasets_ws.parse_note(p) + str(i): w
         for i, (p, w) in enumerate(zip(dataset.queries_paths, dataset.query_weights))
@@ -238,34 +257,34 @@ def test_msls_weighted_mining(tmp_path: Path):
         "day_forward_x3": 1 / 12,
     }
     assert weights == pytest.approx(expected)
-    dataset.compute_triplets(args, MeanColourModel())
+    dataset.compute_triplets(MeanColourModel(), inference(args))
     assert_valid_triplets(dataset)
 
 
 def test_msls_weighted_needs_the_note_field(toy: Path):
     with pytest.raises(ValueError, match="msls_weighted.*note"):
-        datasets_ws.TripletsDataset(make_args(toy, "--mining", "msls_weighted"), str(toy), "toy", "train")
+        triplets_dataset(make_args(toy, "--mining", "msls_weighted"), toy)
 
 
 def test_asking_for_more_negatives_than_exist(toy: Path):
     with pytest.raises(ValueError, match="negs_num_per_query 20"):
-        datasets_ws.TripletsDataset(make_args(toy, "--negs_num_per_query", "20"), str(toy), "toy", "train")
+        triplets_dataset(make_args(toy, "--negs_num_per_query", "20"), toy)
     with pytest.raises(ValueError, match=f"neg_samples_num 50 is more than the {len(DATABASE)}"):
-        datasets_ws.TripletsDataset(make_args(toy, "--neg_samples_num", "50"), str(toy), "toy", "train")
+        triplets_dataset(make_args(toy, "--neg_samples_num", "50"), toy)
     args = make_args(toy, "--neg_samples_num", "1")
-    dataset = datasets_ws.TripletsDataset(args, str(toy), "toy", "train")
+    dataset = triplets_dataset(args, toy)
     with pytest.raises(ValueError, match="fewer than --negs_num_per_query 2"):
-        dataset.compute_triplets(args, MeanColourModel())
+        dataset.compute_triplets(MeanColourModel(), inference(args))
     args = make_args(toy, "--cache_refresh_rate", "3", "--queries_per_epoch", "3")
     with pytest.raises(ValueError, match="cache_refresh_rate 3 is more than the 2"):
-        datasets_ws.TripletsDataset(args, str(toy), "toy", "train").compute_triplets(args, MeanColourModel())
+        triplets_dataset(args, toy).compute_triplets(MeanColourModel(), inference(args))
 
 
 # ----------------------------------------------------------------------------------------------------------- pairs
 def test_query_positive_pairs_ground_truth(toy: Path):
     args = make_args(toy, "--qp_mode", "gt", script="train_dhe")
-    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
-    pairs = datasets_ws.QueryPositivePairs(args, dataset)
+    dataset = base_dataset(args, toy, "toy", "train")
+    pairs = datasets_ws.QueryPositivePairs(dataset, args.qp_mode, args.qp_threshold)
     qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
     qsoft = query_index(dataset, "qsoft")
     # every database image within 25 m (inclusive): qa d0 1 m, d1 10 m, d2 25 m (not d3, 26 m); qb d4, d5; qsoft d6
@@ -282,8 +301,8 @@ def test_query_positive_pairs_ground_truth(toy: Path):
 def test_query_positive_pairs_predicted(toy: Path):
     args = make_args(toy, script="train_dhe")
     assert args.qp_mode == "predicted"
-    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
-    pairs = datasets_ws.QueryPositivePairs(args, dataset, MeanColourModel())
+    dataset = base_dataset(args, toy, "toy", "train")
+    pairs = datasets_ws.QueryPositivePairs(dataset, args.qp_mode, args.qp_threshold, MeanColourModel(), inference(args))
     qa, qb = query_index(dataset, "qa"), query_index(dataset, "qb")
     # within 25 m and of the same colour: d0 (green) is too far in descriptor space, d3 too far in metres
     expected = {(qa, database_index(dataset, n)) for n in ("d1", "d2")}
@@ -291,7 +310,7 @@ def test_query_positive_pairs_predicted(toy: Path):
     assert set(map(tuple, pairs.pairs.tolist())) == expected
     assert (pairs.distances < args.qp_threshold).all()
     with pytest.raises(ValueError, match="needs a model"):
-        datasets_ws.QueryPositivePairs(args, dataset)
+        datasets_ws.QueryPositivePairs(dataset, args.qp_mode, args.qp_threshold)
 
 
 def test_query_positive_pairs_none_found(toy: Path):
@@ -302,35 +321,35 @@ def test_query_positive_pairs_none_found(toy: Path):
             ), images
 
     args = make_args(toy, script="train_dhe")
-    dataset = datasets_ws.BaseDataset(args, str(toy), "toy", "train")
+    dataset = base_dataset(args, toy, "toy", "train")
     with pytest.raises(ValueError, match="no query-positive pair"):
-        datasets_ws.QueryPositivePairs(args, dataset, FarApartModel())
+        datasets_ws.QueryPositivePairs(dataset, args.qp_mode, args.qp_threshold, FarApartModel(), inference(args))
 
 
 # ----------------------------------------------------------------------------------------------------------- errors
 def test_missing_folders(tmp_path: Path):
     args = make_args(tmp_path)
     with pytest.raises(FileNotFoundError, match="dataset folder .*nope does not exist.*expected layout"):
-        datasets_ws.BaseDataset(args, str(tmp_path), "nope", "train")
+        base_dataset(args, tmp_path, "nope", "train")
     save_image(tmp_path / "toy" / "images" / "train" / "queries" / utm_name(0, 0))
     with pytest.raises(FileNotFoundError, match=r"split folder .*test does not exist \(splits found: \['train'\]\)"):
-        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "test")
+        base_dataset(args, tmp_path, "toy", "test")
     with pytest.raises(FileNotFoundError, match="database folder .*train/database"):
-        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "train")
+        base_dataset(args, tmp_path, "toy", "train")
     save_image(tmp_path / "toy" / "images" / "val" / "database" / utm_name(0, 0))
     with pytest.raises(FileNotFoundError, match="queries folder .*val/queries does not exist"):
-        datasets_ws.BaseDataset(args, str(tmp_path), "toy", "val")
+        base_dataset(args, tmp_path, "toy", "val")
 
 
 def test_database_and_gallery_together(tmp_path: Path):
     split = tmp_path / "toy" / "images" / "train"
     for folder in ("database", "gallery", "queries"):
         save_image(split / folder / utm_name(0, 0))
-    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+    dataset = base_dataset(make_args(tmp_path), tmp_path, "toy", "train")
     assert all("/database/" in p for p in dataset.database_paths)
     save_image(split / "gallery" / utm_name(5, 0))
     with pytest.raises(ValueError, match="both database/ and gallery/ with different images"):
-        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+        base_dataset(make_args(tmp_path), tmp_path, "toy", "train")
 
 
 def test_database_linked_as_gallery(tmp_path: Path):
@@ -338,7 +357,7 @@ def test_database_linked_as_gallery(tmp_path: Path):
     for folder in ("database", "queries"):
         save_image(split / folder / utm_name(0, 0))
     (split / "gallery").symlink_to(split / "database")
-    assert datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train").database_num == 1
+    assert base_dataset(make_args(tmp_path), tmp_path, "toy", "train").database_num == 1
 
 
 def test_empty_folder(tmp_path: Path):
@@ -347,7 +366,7 @@ def test_empty_folder(tmp_path: Path):
     (split / "database").mkdir()
     (split / "database" / "readme.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match="no .jpg/.jpeg/.png images found in .*database"):
-        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+        base_dataset(make_args(tmp_path), tmp_path, "toy", "train")
 
 
 def test_bad_name(tmp_path: Path):
@@ -355,7 +374,7 @@ def test_bad_name(tmp_path: Path):
     save_image(split / "queries" / utm_name(0, 0))
     save_image(split / "database" / "IMG_0001.jpg")
     with pytest.raises(ValueError, match="IMG_0001.jpg.*@utm_east@utm_north"):
-        datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+        base_dataset(make_args(tmp_path), tmp_path, "toy", "train")
 
 
 def test_corrupt_image(tmp_path: Path):
@@ -364,7 +383,7 @@ def test_corrupt_image(tmp_path: Path):
     corrupt = split / "database" / utm_name(1, 1)
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"this is not a jpeg at all")
-    dataset = datasets_ws.BaseDataset(make_args(tmp_path), str(tmp_path), "toy", "train")
+    dataset = base_dataset(make_args(tmp_path), tmp_path, "toy", "train")
     with pytest.raises(OSError, match=f"cannot read image {corrupt}"):
         dataset[0]
 
@@ -381,7 +400,7 @@ def test_image_modes_become_rgb(tmp_path: Path):
     sixteen_bit = database / utm_name(0, 3, extension=".png")
     Image.fromarray(np.full((12, 16), 128 * 257, dtype=np.uint16)).save(sixteen_bit)
     save_image(tmp_path / "toy" / "images" / "train" / "queries" / utm_name(0, 0), 90, mode="L")
-    dataset = datasets_ws.BaseDataset(make_args(tmp_path, "--resize", "48", "64"), str(tmp_path), "toy", "train")
+    dataset = base_dataset(make_args(tmp_path, "--resize", "48", "64"), tmp_path, "toy", "train")
     for index in range(len(dataset)):
         image, _ = dataset[index]
         assert image.shape == (3, 48, 64) and image.dtype == torch.float32
@@ -394,7 +413,7 @@ def test_image_modes_become_rgb(tmp_path: Path):
 
 
 def test_query_test_methods(toy: Path):
-    dataset = datasets_ws.BaseDataset(make_args(toy, "--resize", "32", "48"), str(toy), "toy", "train")
+    dataset = base_dataset(make_args(toy, "--resize", "32", "48"), toy, "toy", "train")
     query = dataset.database_num  # images are 12 x 16 (H x W)
     # single_query: 32 x 42 with the ratio kept, the longer side trimmed to a multiple of 16
     expected = {"hard_resize": (3, 32, 48), "central_crop": (3, 32, 48), "single_query": (3, 32, 32)}
@@ -416,7 +435,7 @@ def test_hard_resize_is_the_originals_bilinear_resize_without_antialiasing(tmp_p
         (split / folder).mkdir(parents=True)
         Image.fromarray(pixels).save(split / folder / utm_name(0, 0, extension=".png"))
     args = make_args(tmp_path, "--resize", "32", "48")
-    dataset = datasets_ws.BaseDataset(args, str(tmp_path), "toy", "test")
+    dataset = base_dataset(args, tmp_path, "toy", "test")
     image = torch.from_numpy(pixels).permute(2, 0, 1).float().unsqueeze(0) / 255
     expected = torch.nn.functional.interpolate(image, size=(32, 48), mode="bilinear", align_corners=False)[0]
     mean = torch.tensor(datasets_ws.IMAGENET_MEAN).view(3, 1, 1)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_identity_head
+from helpers import eval_argv, save_identity_head
 from PIL import Image
 
 import eval as eval_script
@@ -57,14 +58,8 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 def run_eval(world: Path, *extra: str, device: str = "cpu") -> dict:
-    return eval_script.cli(
-        [
-            "--datasets_folder", str(world), "--dataset_name", "tiny", "--resize", str(SIZE), str(SIZE),
-            "--resume_fe", str(world / "fe.torch"), "--resume_hr", str(world / "hr.torch"), "--trunc_te", str(TRUNC_TE),
-            "--recall_values", "1", "5", "--device", str(device), "--num_workers", "0", "--infer_batch_size", "3",
-            *extra,
-        ]
-    )  # fmt: skip
+    options = {"resize": SIZE, "trunc_te": TRUNC_TE, "checkpoints": world, "device": device}
+    return eval_script.cli(eval_argv(world / "tiny", "--infer_batch_size", "3", *extra, **options))
 
 
 def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monkeypatch, device):
@@ -101,14 +96,42 @@ def test_eval_end_to_end_recalls_logs_and_predictions(tiny_world, tmp_path, monk
     assert "@q0@" in top[0]["query_path"] and "@d1@" in top[0]["database_path"]
 
 
+MARGIN = 16  # px of noise on each side of a wide query: its centre square is the copied database image
+
+
+@pytest.fixture(scope="module")
+def wide_world(tiny_world, tmp_path_factory) -> Path:
+    """tiny_world with wide queries (SIZE x SIZE + 2 * MARGIN): the copied database image framed left and right by
+    MARGIN pixels of noise, so that each test method sees something else (only central_crop sees the exact copy)."""
+    root = tmp_path_factory.mktemp("wide")
+    shutil.copytree(tiny_world, root, dirs_exist_ok=True)
+    rng = np.random.default_rng(1)
+    for path in (root / "tiny" / "images" / "test" / "queries").glob("*.png"):
+        copy = np.asarray(Image.open(path))
+        margins = rng.integers(0, 256, (2, SIZE, MARGIN, 3), dtype=np.uint8)
+        Image.fromarray(np.concatenate([margins[0], copy, margins[1]], axis=1)).save(path)
+    return root
+
+
 @pytest.mark.parametrize("test_method", ["single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"])
-def test_eval_test_methods(tiny_world, tmp_path, monkeypatch, test_method, device):
-    # square queries of the resize size: every crop is the whole image, so every method finds the copies
+def test_eval_test_methods(wide_world, tmp_path, monkeypatch, test_method, device):
+    # wide queries: each method describes them differently, and every method still finds the copies
     monkeypatch.chdir(tmp_path)
-    result = run_eval(tiny_world, "--test_method", test_method, "--num_reranked_preds", "2", device=device)
+    extra = ("--test_method", test_method, "--num_reranked_preds", "2", "--save_predictions")
+    result = run_eval(wide_world, *extra, device=device)
     np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
     np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
     assert result["rerank_scores"].shape == (3, 2)
+    # the global distance of each query's top prediction, its copy: 0 only for the method that sees the copy alone
+    with open(result["output_folder"] / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    top = [float(r["score"]) for r in rows if r["stage"] == "global" and r["rank"] == "0"]
+    if test_method in ("nearest_crop", "maj_voting"):
+        assert np.isnan(top).all()  # merged crops have no distance
+    elif test_method == "central_crop":
+        np.testing.assert_allclose(top, 0, atol=1e-6)
+    else:  # the whole wide query, or the mean of five crops of which four take in noise
+        assert min(top) > 1e-4
 
 
 def test_eval_on_a_missing_dataset_leaves_no_run_folder(tiny_world, tmp_path, monkeypatch):
@@ -126,8 +149,6 @@ def test_eval_with_a_checkpoint_that_does_not_fit(tiny_world, tmp_path, monkeypa
 
 
 def test_eval_with_a_corrupt_image_names_it_and_leaves_no_run_folder(tiny_world, tmp_path, monkeypatch):
-    import shutil
-
     world = tmp_path / "world"
     shutil.copytree(tiny_world, world)
     broken = next((world / "tiny" / "images" / "test" / "database").glob("*@d2@*"))
@@ -150,3 +171,20 @@ def test_eval_with_local_features_in_memory_gives_the_same_ranking(tiny_world, t
     info = (in_memory["output_folder"] / "info.log").read_text()
     store = in_memory["output_folder"] / "local_features.f16"
     assert f"Local features: 0.3 MB in cpu memory, 0.0 MB in {store}; re-ranking 5 pairs per pass" in info
+
+
+def test_evaluate_split_from_plain_values(tiny_world, tmp_path):
+    """The library without flags, as a notebook or a training loop calls it: the recalls of the command line."""
+    from commons import ModelConfig, build_models
+    from datasets_ws import BaseDataset
+    from evaluation.pipeline import EvalSettings, evaluate_split
+
+    dataset = BaseDataset(str(tiny_world), "tiny", "test", resize=(SIZE, SIZE))
+    config = ModelConfig((SIZE, SIZE), TRUNC_TE, resume_fe=tiny_world / "fe.torch", resume_hr=tiny_world / "hr.torch")
+    features_extractor, homography_regression = build_models(config, torch.device("cpu"))
+    settings = EvalSettings(recall_values=(1, 5), infer_batch_size=3, num_workers=0)
+    result = evaluate_split(settings, dataset, features_extractor, homography_regression, torch.device("cpu"), tmp_path)
+    np.testing.assert_allclose(result["baseline_recalls"], [200 / 3, 200 / 3])
+    np.testing.assert_allclose(result["reranked_recalls"], [200 / 3, 200 / 3])
+    assert result["reranked_predictions"][:, 0].tolist() == [1, 3, 0] and result["output_folder"] == tmp_path
+    assert list(tmp_path.iterdir()) == []  # the temporary local features are gone; nothing else is written

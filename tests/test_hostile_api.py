@@ -115,7 +115,7 @@ def test_hub_rerank_no_candidate_gives_empty_results(model, local_features):
 
 def test_hub_rerank_orders_ties_as_eval(model, local_features):
     """All candidates tied: the given order is kept (eval.py's rule), with a warning; partial ties: the original's
-    `argsort()[::-1]`, exactly as `util.rerank_predictions` orders them."""
+    `argsort()[::-1]`, exactly as `evaluation.reranking.rerank_predictions` orders them."""
     same = local_features[1:2].expand(4, -1, -1, -1)
     with pytest.warns(UserWarning, match="same score"):
         order, scores = model.rerank(local_features[0], same)
@@ -331,21 +331,6 @@ AUGMENTATION_LIMITS = [
 ODD_SIZES = [(1, 1), (1, 300), (300, 1), (2, 500), (500, 2), (3, 3), (17, 9)]  # (width, height), all below --resize
 
 
-def augmentation_args(**flags) -> object:
-    import argparse
-
-    names = (
-        "brightness",
-        "contrast",
-        "saturation",
-        "hue",
-        "rand_perspective",
-        "random_resized_crop",
-        "random_rotation",
-    )
-    return argparse.Namespace(**{**dict.fromkeys(names), **flags})
-
-
 @pytest.mark.parametrize("flags", AUGMENTATION_LIMITS, ids=lambda flags: ",".join(f"{k}={v}" for k, v in flags.items()))
 def test_query_augmentation_at_its_limits_on_odd_images(flags):
     """Every augmentation flag at the ends of what the parser accepts, on images 1 pixel wide or high, thin, tiny:
@@ -354,7 +339,7 @@ def test_query_augmentation_at_its_limits_on_odd_images(flags):
 
     import datasets_ws
 
-    augmentation = datasets_ws._query_augmentation(augmentation_args(**flags), (SIZE, SIZE))
+    augmentation = datasets_ws.query_augmentation(datasets_ws.QueryAugmentation(**flags), (SIZE, SIZE))
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     for width, height in ODD_SIZES:

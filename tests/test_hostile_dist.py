@@ -202,7 +202,7 @@ def _initial_weights(tmp_path: Path, script: str, arguments: list[str]) -> dict[
     """The weights the one-process run started from (same seed, built the same way)."""
     args = flags.parse_arguments(script, arguments)
     commons.make_deterministic(commons.process_seed(args.seed, 0))
-    features_extractor, head = commons.build_models(args, torch.device("cpu"))
+    features_extractor, head = commons.build_models(flags.model_config(args), torch.device("cpu"))
     parts = {"homography_regression": head}
     if script == "finetune":
         parts["features_extractor"] = features_extractor

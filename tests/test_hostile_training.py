@@ -96,7 +96,7 @@ def test_an_interruption_during_validation_keeps_the_epochs_weights(world, tmp_p
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.finetuning.evaluation, "test", interrupted)
+    monkeypatch.setattr(training.finetuning, "evaluate_split", interrupted)
     run_failing(finetune.cli, [*data(world), *FINETUNE, "--epochs_num", "1", "--exp_name", "ctrl_c"], capsys, 130)
     (folder,) = (tmp_path / "logs" / "ctrl_c").iterdir()
     assert {"features_extractor_000.torch", "homography_regression_000.torch"} <= {p.name for p in folder.iterdir()}
@@ -272,7 +272,7 @@ def test_a_resumed_run_that_fails_points_to_the_checkpoint_it_came_from(world, t
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.finetuning.evaluation, "test", interrupted)
+    monkeypatch.setattr(training.finetuning, "evaluate_split", interrupted)
     resume = [*data(world), *FINETUNE, "--epochs_num", "2", "--resume_train", str(checkpoint), "--exp_name", "again"]
     run_failing(finetune.cli, resume, capsys, 130)  # --seed 3 is taken from the checkpoint
     (folder,) = (tmp_path / "logs" / "again").iterdir()  # kept: it holds the weights of epoch 1

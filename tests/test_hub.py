@@ -96,7 +96,9 @@ def test_hub_loads_what_finetune_wrote(tmp_path, monkeypatch):
             assert all(torch.equal(state_dict[key], value) for key, value in saved.items())
 
 
+@pytest.mark.filterwarnings("ignore:dhe_vpr. no resume")
 def test_hub_preprocess(checkpoints, tmp_path):
+    import numpy as np
     from PIL import Image
 
     path = tmp_path / "photo.png"
@@ -104,6 +106,16 @@ def test_hub_preprocess(checkpoints, tmp_path):
     model = hubconf.dhe_vpr(*checkpoints, resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
     image = model.preprocess(path)
     assert image.shape == (3, SIZE, SIZE) and image.abs().max() < 0.05
+
+    # a noisy 100 x 80 (W x H) photo into a 48 x 64 (H x W) model: eval.py's bilinear resize without antialiasing,
+    # rows and columns in place, ImageNet-normalised
+    pixels = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    wide = hubconf.dhe_vpr(resize=(48, 64), trunc_te=0)
+    photo = torch.from_numpy(pixels).permute(2, 0, 1).float().unsqueeze(0) / 255
+    expected = torch.nn.functional.interpolate(photo, size=(48, 64), mode="bilinear", align_corners=False)[0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(wide.preprocess(path), (expected - mean) / std)
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ query 2.jpg,queries,{LAT + 0.00102},{LON + 0.00001},270
 
     # the project's dataset reads it, and the positives are the photos within 25 m
     args = project_parser.parse_arguments("eval", ["--datasets_folder", str(tmp_path / "out"), "--resize", "64", "64"])
-    dataset = datasets_ws.BaseDataset(args, str(tmp_path / "out"), "venice", "test")
+    dataset = datasets_ws.BaseDataset(str(tmp_path / "out"), "venice", "test", **project_parser.dataset_options(args))
     assert dataset.database_num == 2 and dataset.queries_num == 2
     positives = [
         sorted(Path(dataset.database_paths[i]).name.split("@")[14] for i in p) for p in dataset.get_positives()

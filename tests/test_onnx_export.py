@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 
 import eval as eval_script  # noqa: E402
 import export_onnx  # noqa: E402
-from datasets_ws import _normalized_tensor, open_rgb_image  # noqa: E402
+from datasets_ws import normalized_tensor, open_rgb_image  # noqa: E402
 from deploy import onnx_export, rerank_numpy  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.checkpoints import load_features_extractor, load_homography_regression, save_state_dict  # noqa: E402
@@ -81,7 +81,7 @@ def sessions(exported: dict) -> dict:
 
 def load_images(paths: list[str]) -> torch.Tensor:
     """(N, 3, SIZE, SIZE) as eval.py hard-resizes them."""
-    return torch.stack([_normalized_tensor(open_rgb_image(path), (SIZE, SIZE)) for path in paths])
+    return torch.stack([normalized_tensor(open_rgb_image(path), (SIZE, SIZE)) for path in paths])
 
 
 def test_script_writes_two_valid_graphs_with_a_dynamic_batch(exported):

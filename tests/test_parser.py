@@ -84,3 +84,28 @@ def test_queries_per_epoch_must_be_a_multiple_of_cache_refresh_rate(capsys):
     with pytest.raises(SystemExit):
         parser.parse_arguments("finetune", ["--datasets_folder", "d", "--queries_per_epoch", "1500"])
     assert "--queries_per_epoch 1500 must be a multiple of --cache_refresh_rate 1000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["finetune", "train_dhe"])
+def test_training_parsers_have_no_eval_outputs_and_older_checkpoints_still_resume(script):
+    import training
+
+    args = parser.parse_arguments(script, ["--datasets_folder", "d"])
+    eval_outputs = {"num_preds_to_save": 0, "save_only_wrong_preds": False, "no_labels": False}
+    assert not set(eval_outputs) & set(vars(args))
+    settings = parser.eval_settings(args)
+    assert (settings.num_preds_to_save, settings.save_only_wrong_preds, settings.no_labels) == (0, False, False)
+    # the arguments of a checkpoint written when the training parsers still carried eval.py's output flags
+    recorded = {name: list(value) if isinstance(value, tuple) else value for name, value in vars(args).items()}
+    resumed = training.resume_arguments(args, {**recorded, **eval_outputs}, set(), "last_checkpoint.pth")
+    assert vars(resumed) == vars(args)
+
+
+def test_settings_from_flags():
+    args = parser.parse_arguments("eval", ["--datasets_folder", "d", "--resize", "48", "64", "--no_labels"])
+    assert parser.model_config(args).resize == (48, 64) and parser.model_config(args).resume_train is None
+    assert parser.eval_settings(args, outputs=True).no_labels and not parser.eval_settings(args).no_labels
+    assert parser.eval_settings(args).recall_values == (1, 5, 10, 20)
+    assert parser.dataset_options(args) == {"resize": (48, 64), "positive_dist_threshold": 25}
+    finetune = parser.parse_arguments("finetune", ["--datasets_folder", "d", "--hue", "0.1", "--seed", "3"])
+    assert parser.mining_settings(finetune).seed == 3 and parser.query_augmentation(finetune).hue == 0.1

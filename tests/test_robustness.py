@@ -20,11 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import eval_argv
 
 import commons
 import eval as eval_script
 import parser
 import util
+from datasets_ws import BaseDataset
+from evaluation import local_features, retrieval
+from evaluation.local_features import LocalFeatureStore
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import (
     GRID_METADATA_KEY,
@@ -36,24 +40,17 @@ from model.checkpoints import (
     save_state_dict,
 )
 from model.files import replaced_atomically
+from model.rerank import rerank_order
 from tools.synthetic import cli as synthetic_cli
 from tools.synthetic import world as synthetic_world
 
 ROOT = Path(__file__).resolve().parent.parent
-RESIZE = ("--resize", "64", "64")
 
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
     """`synthetic.py --preset tiny` (16 database images and 6 queries in the test split)."""
     return synthetic_cli.main(["--out", str(tmp_path_factory.mktemp("worlds")), "--name", "tiny", "--preset", "tiny"])
-
-
-def eval_argv(world: Path, *extra: str) -> list[str]:
-    return [
-        "--datasets_folder", str(world.parent), "--dataset_name", world.name, *RESIZE, "--trunc_te", "1",
-        "--device", "cpu", "--num_workers", "0", "--recall_values", "1", "5", *extra,
-    ]  # fmt: skip
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -66,9 +63,10 @@ def run_folders(root: Path) -> list[Path]:
 _SLOW_EVAL = """
 import multiprocessing, sys, time
 sys.path.insert(0, {root!r})
-import util, eval as eval_script
+import eval as eval_script
+from evaluation.local_features import LocalFeatureStore
 marker = {marker!r}
-write = util.LocalFeatureStore.write
+write = LocalFeatureStore.write
 def slow_write(self, indexes, features):
     write(self, indexes, features)
     pids = [str(p.pid) for p in multiprocessing.active_children()]
@@ -76,7 +74,7 @@ def slow_write(self, indexes, features):
         file.write(str(self.path.resolve()) + "\\n" + " ".join(pids))
     import os; os.replace(marker + ".tmp", marker)
     time.sleep(60)
-util.LocalFeatureStore.write = slow_write
+LocalFeatureStore.write = slow_write
 sys.argv = ["eval.py", *{argv!r}]
 try:
     eval_script.cli()
@@ -236,7 +234,7 @@ def test_an_interruption_after_the_recalls_keeps_the_run_folder(tiny_world, tmp_
 
 def test_a_failure_before_the_recalls_leaves_nothing(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(util, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(retrieval, "compute_recalls", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         eval_script.cli(eval_argv(tiny_world))
     assert run_folders(tmp_path) == []
@@ -400,20 +398,20 @@ def world_copy(tiny_world, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_world, tmp_path / "worlds" / "tiny"))
 
 
-def dataset_args(world: Path):
-    return parser.parse_arguments("eval", eval_argv(world))
+def open_split(world: Path, split: str = "test") -> BaseDataset:
+    """A split of `world` as eval.py opens it."""
+    args = parser.parse_arguments("eval", eval_argv(world))
+    return BaseDataset(str(world.parent), world.name, split, **parser.dataset_options(args))
 
 
 def test_symlink_loops_and_links_back_do_not_duplicate_images(world_copy, caplog):
-    from datasets_ws import BaseDataset
-
-    count = len(BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test").database_paths)
+    count = len(open_split(world_copy).database_paths)
     database = world_copy / "images" / "test" / "database"
     (database / "loop").symlink_to(".")  # a loop: database/loop/loop/...
     (database / "again").symlink_to(database)  # a link back to the same folder
     first = sorted(database.glob("*.jpg"))[0]
     (database / "link.jpg").symlink_to(first)  # a second name for one image
-    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    dataset = open_split(world_copy)
     assert dataset.database_num == count
     assert str(first) in dataset.database_paths  # the plain path is the one kept
     assert "a symlink loop" in caplog.text and "reached twice (through links) and used once" in caplog.text
@@ -421,12 +419,12 @@ def test_symlink_loops_and_links_back_do_not_duplicate_images(world_copy, caplog
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
 def test_a_fifo_named_like_an_image_is_skipped_and_never_opened(world_copy, caplog):
-    from datasets_ws import BaseDataset, open_rgb_image
+    from datasets_ws import open_rgb_image
 
     queries = world_copy / "images" / "test" / "queries"
     fifo = queries / "@500000.00@4000000.00@33@T@@@fifo@@@@@@@@.jpg"
     os.mkfifo(fifo)
-    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    dataset = open_split(world_copy)
     assert str(fifo) not in dataset.queries_paths
     assert f"{fifo} (a FIFO)" in caplog.text
     with pytest.raises(OSError, match="not a regular file"):
@@ -435,8 +433,6 @@ def test_a_fifo_named_like_an_image_is_skipped_and_never_opened(world_copy, capl
 
 def test_exif_orientation_turns_photos_upright(world_copy):
     from PIL import Image
-
-    from datasets_ws import BaseDataset
 
     queries = world_copy / "images" / "test" / "queries"
     upright_jpg = sorted(queries.glob("*.jpg"))[0]
@@ -449,31 +445,27 @@ def test_exif_orientation_turns_photos_upright(world_copy):
     exif[0x0112] = 6
     sideways = queries / upright_jpg.name.replace("@.jpg", "sideways@.png")
     upright.transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif)
-    dataset = BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+    dataset = open_split(world_copy)
     index = dataset.database_num + dataset.queries_paths.index(str(sideways))
     reference = dataset.database_num + dataset.queries_paths.index(str(upright_jpg.with_suffix(".png")))
     assert torch.equal(dataset.hard_resized(index), dataset.hard_resized(reference))
 
 
 def test_a_query_that_is_a_database_image_through_a_link_is_refused(world_copy):
-    from datasets_ws import BaseDataset
-
     split = world_copy / "images" / "test"
     image = sorted((split / "database").glob("*.jpg"))[0]
     (split / "queries" / image.name).symlink_to(image)
     with pytest.raises(ValueError, match=f"query {split / 'queries' / image.name} is the same file as database"):
-        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+        open_split(world_copy)
 
 
 def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
-    from datasets_ws import BaseDataset
-
     test_database = world_copy / "images" / "test" / "database"
     (test_database / "from_train").symlink_to(world_copy / "images" / "train" / "database")
     with pytest.raises(ValueError, match=r"the test split .* are the same files as images of the train split"):
-        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "test")
+        open_split(world_copy)
     with pytest.raises(ValueError, match=r"the train split .* the test split"):
-        BaseDataset(dataset_args(world_copy), str(world_copy.parent), "tiny", "train")
+        open_split(world_copy, "train")
 
 
 # -------------------------------------------------------------------------------------------------- 5. odd numbers
@@ -531,15 +523,15 @@ def test_when_every_score_of_a_query_ties_the_global_order_is_kept(tiny_world, t
 
 def test_nan_scores_are_reported_not_ranked():
     with pytest.raises(ValueError, match="re-ranking scores are not finite"):
-        util._rerank_order(np.array([[3.0, np.nan, 1.0]]))
-    order, tied = util._rerank_order(np.array([[1.0, 5.0, 1.0], [2.0, 2.0, 2.0]]))
+        rerank_order(np.array([[3.0, np.nan, 1.0]]))
+    order, tied = rerank_order(np.array([[1.0, 5.0, 1.0], [2.0, 2.0, 2.0]]))
     assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and tied.tolist() == [False, True]  # ties as the original
 
 
 # ---------------------------------------------------------------------------------------------------- 6. resources
 def test_too_little_free_space_stops_before_extracting(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(util.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000, total=10**6))
+    monkeypatch.setattr(local_features.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000, total=10**6))
     extracted = []
     monkeypatch.setattr(util, "extract_features", lambda *a, **k: extracted.append(1))
     with pytest.raises(OSError) as error:
@@ -563,12 +555,12 @@ def test_a_file_size_limit_below_the_store_size_stops_before_extracting(tiny_wor
 
 
 def test_a_disk_that_fills_up_while_writing_says_so(tmp_path, monkeypatch):
-    store = util.LocalFeatureStore(tmp_path / "local_features.f16", 4, (8, 2, 2))
+    store = LocalFeatureStore(tmp_path / "local_features.f16", 4, (8, 2, 2))
 
     def full(fd, data, offset):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(util.os, "pwrite", full)
+    monkeypatch.setattr(local_features.os, "pwrite", full)
     with pytest.raises(OSError, match=r"writing .*local_features.f16 failed \(No space left on device\).*need"):
         store.write([0], torch.zeros(1, 8, 2, 2))
     monkeypatch.undo()
@@ -581,13 +573,13 @@ def test_local_features_dir_puts_the_file_elsewhere(tiny_world, tmp_path, monkey
     elsewhere = tmp_path / "scratch"
     elsewhere.mkdir()
     seen = []
-    init = util.LocalFeatureStore.__init__
+    init = LocalFeatureStore.__init__
 
     def spy(self, path, *args):
         seen.append(Path(path))
         init(self, path, *args)
 
-    monkeypatch.setattr(util.LocalFeatureStore, "__init__", spy)
+    monkeypatch.setattr(LocalFeatureStore, "__init__", spy)
     eval_script.cli(eval_argv(tiny_world, "--local_features_dir", str(elsewhere)))
     assert seen[0].parent == elsewhere and seen[0].suffix == ".f16"
     assert list(elsewhere.iterdir()) == []  # deleted at the end

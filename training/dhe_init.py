@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import eval as evaluation
+import parser
 from datasets_ws import BaseDataset, QueryPositivePairs
+from evaluation.pipeline import evaluate_split
 from model.checkpoints import save_state_dict
 from model.matching import rei_loss
 from model.rerank import predict_homographies
@@ -97,7 +98,7 @@ class DHEInitialisation(Task):
 
     def __init__(self, args: argparse.Namespace, device: torch.device, output_folder: Path, resume: dict | None):
         self.settings, self.device = dhe_settings(args), device
-        self.args = args  # for build_models, the datasets and eval.test, which still take the flags
+        self.args = args  # for the conversions of parser: models, datasets, evaluation
         self.seed, self.batch_size, self.num_workers = args.seed, args.batch_size, args.num_workers
         self.rei_inliers, self.dataset_name = args.rei_inliers, args.dataset_name
         world_size, self.rank = distributed.get_world_size(), distributed.get_rank()
@@ -121,7 +122,8 @@ class DHEInitialisation(Task):
         """The frozen backbone and the head (DDP-wrapped), the same weights in every process."""
         args = self.args
         from_checkpoint = ("homography_regression",) if resume is not None else ()
-        self.features_extractor, head = commons.build_models(args, self.device, from_checkpoint)
+        model_config = parser.model_config(args, args.resume_train)
+        self.features_extractor, head = commons.build_models(model_config, self.device, from_checkpoint)
         distributed.share_weights(self.features_extractor, head)  # the frozen backbone too: it is not in DDP
         self.features_extractor.eval().requires_grad_(False)
         # The frozen backbone is not in last_checkpoint.pth (it never changes): its digest is, so that a resumed run
@@ -143,7 +145,7 @@ class DHEInitialisation(Task):
     def _build_data(self, resume: dict | None) -> None:
         """The train split's query-positive pairs (the run's, when resuming) and the test split."""
         args = self.args
-        train_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "train")
+        train_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "train", **parser.dataset_options(args))
         logging.info(f"Train set: {train_dataset}")
         self.train_split_digest = split_digest(train_dataset)
         check_resumed_split(train_dataset, self.train_split_digest, resume)
@@ -152,16 +154,19 @@ class DHEInitialisation(Task):
         else:  # computed once by rank 0 with the initial backbone, as the original, and shared
             pairs = None
             if distributed.is_main_process():
-                pairs = QueryPositivePairs(args, train_dataset, self.features_extractor).pairs
+                inference = parser.inference_settings(args, self.device)
+                pairs = QueryPositivePairs(
+                    train_dataset, args.qp_mode, args.qp_threshold, self.features_extractor, inference
+                ).pairs
             pairs = distributed.broadcast_object(pairs)
-        self.pairs = QueryPositivePairs(args, train_dataset, pairs=pairs)
+        self.pairs = QueryPositivePairs(train_dataset, args.qp_mode, args.qp_threshold, pairs=pairs)
         self.batches_per_pass = len(self.pairs) // self.batch_size
         if self.batches_per_pass == 0:
             raise TrainingError(
                 f"only {len(self.pairs)} query-positive pairs in {train_dataset.dataset_folder}, fewer than "
                 f"--batch_size {self.batch_size}"
             )
-        self.test_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "test")
+        self.test_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "test", **parser.dataset_options(args))
         check_split_measures(self.test_dataset, args.val_positive_dist_threshold, "final test")
 
     def _permutation(self, pass_index: int) -> np.ndarray:
@@ -207,9 +212,9 @@ class DHEInitialisation(Task):
         return {}
 
     def test(self, output_folder: Path) -> dict:
-        """The test split's recalls with the current head: eval.test's {"baseline_recalls", "reranked_recalls"}."""
-        return evaluation.test(
-            self.args,
+        """The test split's recalls with the current head: evaluate_split's {"baseline_recalls", "reranked_recalls"}."""
+        return evaluate_split(
+            parser.eval_settings(self.args),
             self.test_dataset,
             self.features_extractor,
             distributed.unwrap(self.head),

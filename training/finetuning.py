@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import eval as evaluation
+import parser
 from datasets_ws import BaseDataset, TripletsDataset, collate_fn
+from evaluation.pipeline import evaluate_split
 from model.checkpoints import save_state_dict
 from model.files import replaced_atomically
 from model.matching import rei_loss
@@ -137,7 +138,7 @@ class Finetuning(Task):
 
     def __init__(self, args: argparse.Namespace, device: torch.device, output_folder: Path, resume: dict | None):
         self.settings, self.device = finetuning_settings(args), device
-        self.args = args  # for build_models, the datasets, the mining and eval.test, which still take the flags
+        self.args = args  # for the conversions of parser: models, datasets, mining, evaluation
         self.batch_size, self.num_workers = args.train_batch_size, args.num_workers
         self.horizontal_flip, self.recall_values = args.horizontal_flip, tuple(args.recall_values)
         self.loss_options = {
@@ -180,7 +181,9 @@ class Finetuning(Task):
     def _build_models(self, resume: dict | None) -> None:
         """The backbone and the head (DDP-wrapped), the same weights in every process."""
         from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
-        features_extractor, head = commons.build_models(self.args, self.device, from_checkpoint)
+        features_extractor, head = commons.build_models(
+            parser.model_config(self.args, self.args.resume_train), self.device, from_checkpoint
+        )
         distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
         self.features_extractor = distributed.wrap(features_extractor, self.device)
         self.head = distributed.wrap(head, self.device)
@@ -189,16 +192,18 @@ class Finetuning(Task):
     def _build_data(self, resume: dict | None) -> None:
         """The train split's triplets and the validation split."""
         args = self.args
-        self.dataset = TripletsDataset(args, args.datasets_folder, args.dataset_name, "train")
+        self.dataset = TripletsDataset(
+            args.datasets_folder,
+            args.dataset_name,
+            "train",
+            **parser.dataset_options(args),
+            mining=parser.mining_settings(args),
+            augmentation=parser.query_augmentation(args),
+        )
         logging.info(f"Train set: {self.dataset}")
         self.train_split_digest = split_digest(self.dataset)
         check_resumed_split(self.dataset, self.train_split_digest, resume)
-        if args.cache_refresh_rate > self.dataset.queries_num:
-            raise TrainingError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is more than the {self.dataset.queries_num} training "
-                "queries that have a positive"
-            )
-        self.val_dataset = BaseDataset(args, args.datasets_folder, args.dataset_name, "val")
+        self.val_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "val", **parser.dataset_options(args))
         check_split_measures(
             self.val_dataset,
             args.val_positive_dist_threshold,
@@ -229,7 +234,8 @@ class Finetuning(Task):
         """Rank 0 mines the next `--cache_refresh_rate` triplets; every rank gets them."""
         triplets = None
         if distributed.is_main_process():
-            self.dataset.compute_triplets(self.args, distributed.unwrap(self.features_extractor))
+            inference = parser.inference_settings(self.args, self.device)
+            self.dataset.compute_triplets(distributed.unwrap(self.features_extractor), inference)
             triplets = self.dataset.triplets_global_indexes
         self.dataset.triplets_global_indexes = distributed.broadcast_object(triplets)
 
@@ -269,10 +275,10 @@ class Finetuning(Task):
         )
 
     def validate(self, output_folder: Path, rerank: bool) -> dict:
-        """The validation split's recalls with the current models, re-ranked when `rerank`: eval.test's
+        """The validation split's recalls with the current models, re-ranked when `rerank`: evaluate_split's
         {"baseline_recalls", "reranked_recalls"}."""
-        return evaluation.test(
-            self.args,
+        return evaluate_split(
+            parser.eval_settings(self.args),
             self.val_dataset,
             distributed.unwrap(self.features_extractor),
             distributed.unwrap(self.head),

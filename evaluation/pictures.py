@@ -7,8 +7,9 @@ re-ranking: query and candidate side by side as the model sees them (hard-resize
 the query's border projected onto the candidate by the DHE homography (magenta) and, on the synthetic world when
 the candidate is the query's nearest database image listed in homographies.json, by the true homography (yellow).
 
-`eval.py --num_preds_to_save N` calls `top_match_geometries` while the local features are still on disk (for the
-saved queries only, so the normal path is not slowed down) and `save_prediction_pictures` at the end.
+`eval.py --num_preds_to_save N` (`evaluation.pipeline`) calls `top_match_geometries` while the local features are
+still on disk (for the saved queries only, so the normal path is not slowed down) and `save_prediction_pictures` at
+the end.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datasets_ws import BaseDataset, open_rgb_image
+from evaluation.local_features import LocalFeatureStore
 from model.files import replaced_atomically
 from model.geometry import reprojection_distances
 from model.matching import SCORE_THRESHOLD, matched_keypoints
 from model.rerank import predict_homographies
-from util import LocalFeatureStore
 
 __all__ = [
     "CORRECT_COLOUR",
@@ -139,7 +140,7 @@ def top_match_geometries(
     device: torch.device,
     amp: bool = False,
 ) -> list[MatchGeometry]:
-    """`match_geometry` of the pairs (query_indexes[i], candidate_indexes[i]), read from a `util.LocalFeatureStore`,
+    """`match_geometry` of the pairs (query_indexes[i], candidate_indexes[i]), read from a `LocalFeatureStore`,
     `batch_size` pairs at a time."""
     homography_regression.eval()
     geometries: list[MatchGeometry] = []
@@ -338,8 +339,22 @@ def prediction_picture(
     draw.text((PAD, PAD // 2), _fit(title, canvas.width - 2 * PAD, font), fill=TEXT_COLOUR, font=font)
     resized_wh = (resize_hw[1], resize_hw[0])
     query = open_rgb_image(query_path).resize(resized_wh, Image.Resampling.BILINEAR)
-    tile_wh = layout.tile_wh
+    _draw_rankings(canvas, draw, layout, font, query, before, after)
+    _draw_top_match(canvas, draw, layout, font, query, after[0].path, geometry, true_homography, note)
+    return canvas
 
+
+def _draw_rankings(
+    canvas: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    layout: Layout,
+    font: ImageFont.ImageFont,
+    query: Image.Image,
+    before: Sequence[Candidate],
+    after: Sequence[Candidate],
+) -> None:
+    """The query's tile and the two rows of candidates (before and after re-ranking), framed and labelled."""
+    tile_wh = layout.tile_wh
     query_box = layout.query_box()
     draw.text((query_box[0], query_box[1] - LINE_HEIGHT), "query", fill=TEXT_COLOUR, font=font)
     _paste_tile(canvas, query.resize(tile_wh, Image.Resampling.BILINEAR), query_box, QUERY_COLOUR)
@@ -353,13 +368,27 @@ def prediction_picture(
             for line, text in enumerate(_candidate_text(rank, candidate)):
                 draw.text((box[0], box[3] + 1 + line * LINE_HEIGHT), text, fill=TEXT_COLOUR, font=font)
 
-    # the match picture of the top candidate after re-ranking
+
+def _draw_top_match(
+    canvas: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    layout: Layout,
+    font: ImageFont.ImageFont,
+    query: Image.Image,
+    candidate_path: str,
+    geometry: MatchGeometry,
+    true_homography: np.ndarray | None,
+    note: str,
+) -> None:
+    """The match picture of the top candidate after re-ranking: `query` (already resized to the model's input)
+    and the candidate side by side, the projected borders, the legend and the inlier matches."""
+    resized_wh = query.size
     match_wh, margin = layout.match_wh, layout.match_margin
-    scale = match_wh[0] / resize_hw[1]
+    scale = match_wh[0] / resized_wh[0]
     left = query.resize(match_wh, Image.Resampling.BILINEAR)
     ImageDraw.Draw(left).rectangle((0, 0, match_wh[0] - 1, match_wh[1] - 1), outline=DHE_COLOUR, width=3)
     right = Image.new("RGB", (match_wh[0] + 2 * margin, match_wh[1] + 2 * margin), MARGIN_COLOUR)
-    candidate = open_rgb_image(after[0].path).resize(resized_wh, Image.Resampling.BILINEAR)
+    candidate = open_rgb_image(candidate_path).resize(resized_wh, Image.Resampling.BILINEAR)
     right.paste(candidate.resize(match_wh, Image.Resampling.BILINEAR), (margin, margin))
     legend = [
         f"top-1 after re-ranking: {geometry.num_inliers} inliers (lines) of {len(geometry.inliers)} mutual matches",
@@ -390,7 +419,6 @@ def prediction_picture(
         draw.line([start, end], fill=colour, width=1)
         for x, y in (start, end):
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), outline=colour)
-    return canvas
 
 
 def _fit(text: str, width: int, font: ImageFont.ImageFont) -> str:

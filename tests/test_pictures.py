@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_identity_head
+from helpers import eval_argv, save_identity_head
 from PIL import Image
 
 import eval as eval_script
-import visualize
+from evaluation import pictures
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import save_state_dict
 from tools.synthetic import world as synthetic_world
@@ -53,14 +53,8 @@ def world(tmp_path_factory) -> Path:
 
 
 def run_eval(root: Path, dataset_name: str, *extra: str) -> dict:
-    return eval_script.cli(
-        [
-            "--datasets_folder", str(root), "--dataset_name", dataset_name, "--resize", str(SIZE), str(SIZE),
-            "--resume_fe", str(root / "fe.torch"), "--resume_hr", str(root / "hr.torch"), "--trunc_te", "1",
-            "--recall_values", "1", "5", "--device", "cpu", "--num_workers", "0", "--num_reranked_preds", "8",
-            *extra,
-        ]
-    )  # fmt: skip
+    argv = eval_argv(root / dataset_name, "--num_reranked_preds", "8", *extra, resize=SIZE, checkpoints=root)
+    return eval_script.cli(argv)
 
 
 def pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
@@ -75,7 +69,7 @@ def test_prediction_pictures(world, tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == [f"{q:04d}.png" for q in range(len(queries))]
     copy = next(q for q, path in enumerate(queries) if "@copy@" in path.name)
 
-    layout = visualize.Layout((SIZE, SIZE), NUM_PREDS)
+    layout = pictures.Layout((SIZE, SIZE), NUM_PREDS)
     dataset_positives = [
         np.flatnonzero(
             np.linalg.norm(result_utms(world, "database") - utm, axis=1) <= 25  # --val_positive_dist_threshold
@@ -86,11 +80,11 @@ def test_prediction_pictures(world, tmp_path, monkeypatch):
         with Image.open(folder / f"{q:04d}.png") as picture:
             picture = picture.convert("RGB")
             assert picture.size == layout.size
-            assert pixel(picture, layout.query_box()[:2]) == visualize.QUERY_COLOUR
+            assert pixel(picture, layout.query_box()[:2]) == pictures.QUERY_COLOUR
             for stage, ranking in enumerate((result["predictions"], result["reranked_predictions"])):
                 for rank in range(NUM_PREDS):
                     correct = ranking[q, rank] in dataset_positives[q]
-                    expected = visualize.CORRECT_COLOUR if correct else visualize.WRONG_COLOUR
+                    expected = pictures.CORRECT_COLOUR if correct else pictures.WRONG_COLOUR
                     x0, y0, x1, y1 = layout.tile_box(stage, rank)
                     for corner in ((x0, y0), (x1 - 1, y1 - 1), (x0 + 2, (y0 + y1) // 2)):
                         assert pixel(picture, corner) == expected, (q, stage, rank, corner)
@@ -100,19 +94,19 @@ def test_prediction_pictures(world, tmp_path, monkeypatch):
     assert result["rerank_scores"][copy, 0] == GRID * GRID
     with Image.open(folder / f"{copy:04d}.png") as picture:
         picture = picture.convert("RGB")
-        assert pixel(picture, layout.tile_box(0, 0)[:2]) == visualize.CORRECT_COLOUR
-        assert pixel(picture, layout.tile_box(1, 0)[:2]) == visualize.CORRECT_COLOUR
+        assert pixel(picture, layout.tile_box(0, 0)[:2]) == pictures.CORRECT_COLOUR
+        assert pixel(picture, layout.tile_box(1, 0)[:2]) == pictures.CORRECT_COLOUR
         x, y = layout.match_candidate_origin()
         width, height = layout.match_wh
         # the true homography (yellow, 5 px wide) and the DHE one (magenta, 2 px, on top) follow the image's border
-        assert pixel(picture, (x + width // 2, y)) == visualize.DHE_COLOUR
-        assert pixel(picture, (x + width // 2, y - 2)) == visualize.TRUE_COLOUR
-        assert pixel(picture, (x, y + height // 2)) == visualize.DHE_COLOUR
-        assert pixel(picture, (x - 2, y + height // 2)) == visualize.TRUE_COLOUR
+        assert pixel(picture, (x + width // 2, y)) == pictures.DHE_COLOUR
+        assert pixel(picture, (x + width // 2, y - 2)) == pictures.TRUE_COLOUR
+        assert pixel(picture, (x, y + height // 2)) == pictures.DHE_COLOUR
+        assert pixel(picture, (x - 2, y + height // 2)) == pictures.TRUE_COLOUR
         # the query's frame in the match picture is magenta; the margin around the candidate is grey
         qx, qy = layout.match_origin()
-        assert pixel(picture, (qx, qy + height // 2)) == visualize.DHE_COLOUR
-        assert pixel(picture, (x - layout.match_margin + 1, y - layout.match_margin + 1)) == visualize.MARGIN_COLOUR
+        assert pixel(picture, (qx, qy + height // 2)) == pictures.DHE_COLOUR
+        assert pixel(picture, (x - layout.match_margin + 1, y - layout.match_margin + 1)) == pictures.MARGIN_COLOUR
 
 
 def result_utms(world: Path, folder: str) -> np.ndarray:
@@ -138,7 +132,7 @@ def test_match_geometry_counts_the_rerank_score():
     from model.rerank import rerank_scores
 
     scores = rerank_scores(head, local_q, local_c.unsqueeze(1)).squeeze(1)
-    geometries = visualize.match_geometry(head, local_q, local_c)
+    geometries = pictures.match_geometry(head, local_q, local_c)
     for geometry, score in zip(geometries, scores.tolist()):
         assert geometry.homography.shape == (3, 3) and geometry.query_points.shape == geometry.candidate_points.shape
         expected = geometry.num_inliers if len(geometry.inliers) >= 4 else 0
@@ -148,7 +142,7 @@ def test_match_geometry_counts_the_rerank_score():
 def test_resized_homography_maps_pixel_centres():
     # a translation by (10, 5) px between 200 x 100 images, seen at 100 x 50: (5, 2.5) px
     H = np.array([[1, 0, 10], [0, 1, 5], [0, 0, 1.0]])
-    resized = visualize.resized_homography(H, (200, 100), (200, 100), (100, 50))
+    resized = pictures.resized_homography(H, (200, 100), (200, 100), (100, 50))
     np.testing.assert_allclose(resized, [[1, 0, 5], [0, 1, 2.5], [0, 0, 1]], atol=1e-12)
 
 
@@ -181,13 +175,13 @@ def test_no_labels(unlabelled, tmp_path, monkeypatch):
     assert [int(r["database_index"]) for r in top] == result["reranked_predictions"][:, 0].tolist()
     assert all("IMG_q" in r["query_path"] and "IMG_d" in r["database_path"] for r in top)
 
-    layout = visualize.Layout((SIZE, SIZE), 2)
-    pictures = sorted((folder / "preds").glob("*.png"))
-    assert len(pictures) == num_queries
-    with Image.open(pictures[0]) as picture:
+    layout = pictures.Layout((SIZE, SIZE), 2)
+    saved = sorted((folder / "preds").glob("*.png"))
+    assert len(saved) == num_queries
+    with Image.open(saved[0]) as picture:
         assert picture.size == layout.size
         for stage in (0, 1):
-            assert pixel(picture.convert("RGB"), layout.tile_box(stage, 1)[:2]) == visualize.NEUTRAL_COLOUR
+            assert pixel(picture.convert("RGB"), layout.tile_box(stage, 1)[:2]) == pictures.NEUTRAL_COLOUR
 
 
 def test_without_no_labels_unparseable_names_stop(unlabelled, tmp_path, monkeypatch):

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 import util
+from evaluation.local_features import LocalFeatureStore
+from evaluation.reranking import rerank_predictions
+from evaluation.retrieval import compute_recalls, merge_crop_predictions, recalls_to_str, search
 
 
 def test_local_feature_store_round_trip(tmp_path):
     path = tmp_path / "local.f16"
     features = torch.randn(5, 8, 3, 2, generator=torch.Generator().manual_seed(0))
-    store = util.LocalFeatureStore(path, num_records=7, feature_shape=(8, 3, 2))
+    store = LocalFeatureStore(path, num_records=7, feature_shape=(8, 3, 2))
     store.write([6, 0, 3, 2, 5], features)
     read = store.read([0, 6, 5])
     assert read.dtype == torch.float16 and read.shape == (3, 8, 3, 2)
@@ -32,7 +35,7 @@ def test_search_clamps_faiss_padding_and_warns(caplog):
     database = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]], dtype=np.float32)
     queries = np.array([[0.9, 0.1], [4.0, 4.0]], dtype=np.float32)
     with caplog.at_level(logging.WARNING):
-        distances, predictions = util.search(database, queries, k=10)
+        distances, predictions = search(database, queries, k=10)
     assert predictions.shape == (2, 3)
     assert (predictions >= 0).all()
     np.testing.assert_array_equal(predictions, [[1, 0, 2], [2, 1, 0]])
@@ -43,25 +46,25 @@ def test_search_clamps_faiss_padding_and_warns(caplog):
 def test_recalls_count_queries_without_positives_as_misses():
     predictions = np.array([[3, 1, 2], [0, 2, 1], [1, 2, 3], [2, 0, 1]])
     positives = [np.array([3]), np.array([1]), np.array([], dtype=np.int64), np.array([1, 0])]
-    recalls = util.compute_recalls(predictions, positives, [1, 2, 3])
+    recalls = compute_recalls(predictions, positives, [1, 2, 3])
     # query 0 hit at 1; query 1 at 3; query 2 never (no positives); query 3 at 2
     np.testing.assert_allclose(recalls, [25.0, 50.0, 75.0])
-    assert util.recalls_to_str(recalls, [1, 2, 3]) == "R@1: 25.0, R@2: 50.0, R@3: 75.0"
+    assert recalls_to_str(recalls, [1, 2, 3]) == "R@1: 25.0, R@2: 50.0, R@3: 75.0"
 
 
 def test_nearest_crop_merges_crops_by_distance_without_duplicates():
     # one query, two crops, k = 3
     distances = np.array([[0.5, 0.7, 0.9], [0.1, 0.6, 0.8]], dtype=np.float32)
     predictions = np.array([[4, 2, 7], [2, 5, 4]])
-    merged = util.merge_crop_predictions(distances, predictions, 2, 3, "nearest_crop", 0.01)
+    merged = merge_crop_predictions(distances, predictions, 2, 3, "nearest_crop", 0.01)
     np.testing.assert_array_equal(merged, [[2, 4, 5]])
 
 
 def test_majority_voting_promotes_predictions_that_crops_agree_on():
     distances = np.array([[0.10, 0.20], [0.30, 0.11], [0.31, 0.12]], dtype=np.float32)
     predictions = np.array([[1, 2], [3, 2], [4, 2]])
-    nearest = util.merge_crop_predictions(distances, predictions, 3, 2, "nearest_crop", 0.1)
-    voted = util.merge_crop_predictions(distances, predictions, 3, 2, "maj_voting", 0.1)
+    nearest = merge_crop_predictions(distances, predictions, 3, 2, "nearest_crop", 0.1)
+    voted = merge_crop_predictions(distances, predictions, 3, 2, "maj_voting", 0.1)
     np.testing.assert_array_equal(nearest, [[1, 2]])
     # 2 is in the top 5 and top 10 of all three crops: its distances drop by 0.1 * 3 / 5 + 0.1 * 3 / 10
     np.testing.assert_array_equal(voted, [[2, 1]])
@@ -102,7 +105,7 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
     copy = kornia.geometry.transform.warp_perspective(query, H_true, (size, size), padding_mode="reflection")
     distractors = torch.cat([smooth_texture(size, generator) for _ in range(3)])
     features = patch_descriptors(torch.cat([distractors[:2], copy, distractors[2:], query]))  # store order
-    store = util.LocalFeatureStore(tmp_path / "local.f16", 5, tuple(features.shape[1:]))
+    store = LocalFeatureStore(tmp_path / "local.f16", 5, tuple(features.shape[1:]))
     store.write(list(range(5)), features)
 
     head = HomographyRegression(resize=(size, size)).eval()
@@ -110,7 +113,7 @@ def test_reranking_moves_the_warped_copy_to_rank_one(tmp_path):
         head.linear.weight.zero_()
         head.linear.bias.copy_(torch.cat([corners[0], moved[0]]).flatten())
     predictions = np.array([[0, 1, 2, 3]])  # the copy (database index 2) is third after the global stage
-    reranked, scores = util.rerank_predictions(head, store, [4], predictions, 4, 2, torch.device("cpu"))
+    reranked, scores = rerank_predictions(head, store, [4], predictions, 4, 2, torch.device("cpu"))
     store.close()
     assert reranked[0, 0] == 2
     assert sorted(reranked[0].tolist()) == [0, 1, 2, 3]
@@ -126,7 +129,7 @@ def test_reranking_groups_queries_and_orders_ties_as_the_original(tmp_path, batc
     generator = torch.Generator().manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(9, 16, 4, 4, generator=generator), dim=1)
     features[5] = features[6]  # two identical candidates: tied scores
-    store = util.LocalFeatureStore(tmp_path / "local.f16", 9, (16, 4, 4))
+    store = LocalFeatureStore(tmp_path / "local.f16", 9, (16, 4, 4))
     store.write(list(range(9)), features)
     head = HomographyRegression(resize=(64, 64)).eval()
     with torch.no_grad():
@@ -134,9 +137,7 @@ def test_reranking_groups_queries_and_orders_ties_as_the_original(tmp_path, batc
         head.linear.bias.copy_(torch.tensor([8.0, 8, 56, 8, 8, 56, 56, 56] * 2))
     predictions = np.array([[0, 1, 2, 5, 6], [6, 5, 4, 3, 2], [1, 0, 5, 6, 4]])
     query_indexes = [7, 8, 5]
-    reranked, scores = util.rerank_predictions(
-        head, store, query_indexes, predictions, 4, batch_size, torch.device("cpu")
-    )
+    reranked, scores = rerank_predictions(head, store, query_indexes, predictions, 4, batch_size, torch.device("cpu"))
     store.close()
     for row, query in enumerate(query_indexes):
         candidates = predictions[row, :4]
@@ -153,7 +154,7 @@ def test_local_feature_store_memory_budget(tmp_path, budget_records, in_memory):
     path = tmp_path / "local.f16"
     record_bytes = 8 * 3 * 2 * 2
     features = torch.randn(7, 8, 3, 2, generator=torch.Generator().manual_seed(0))
-    store = util.LocalFeatureStore(path, 7, (8, 3, 2), memory_budget_bytes=int(budget_records * record_bytes))
+    store = LocalFeatureStore(path, 7, (8, 3, 2), memory_budget_bytes=int(budget_records * record_bytes))
     assert store.num_in_memory == in_memory
     assert store.memory_bytes == in_memory * record_bytes <= budget_records * record_bytes
     assert store.file_bytes == path.stat().st_size == (7 - in_memory) * record_bytes
@@ -172,7 +173,7 @@ def rerank_world(tmp_path, budget_records: int):
     generator = torch.Generator().manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(12, 16, 4, 4, generator=generator), dim=1)
     features[8:] = torch.nn.functional.normalize(features[[1, 3, 5, 7]] + 0.7 * features[8:], dim=1)
-    store = util.LocalFeatureStore(
+    store = LocalFeatureStore(
         tmp_path / f"local{budget_records}.f16", 12, (16, 4, 4), memory_budget_bytes=budget_records * 16 * 16 * 2
     )
     store.write(list(range(12)), features)
@@ -198,7 +199,7 @@ def test_overlapped_and_in_memory_reranking_equal_the_file_path(tmp_path, batch_
     for budget_records, prefetch in ((0, False), (0, True), (5, True), (12, True), (5, False)):
         store, features = rerank_world(tmp_path, budget_records)
         results.append(
-            util.rerank_predictions(
+            rerank_predictions(
                 head, store, query_indexes, predictions, 4, batch_size, torch.device("cpu"), prefetch=prefetch
             )
         )

@@ -1,0 +1,3 @@
+"""Evaluation library: `pipeline` (EvalSettings, evaluate_split, evaluate), `retrieval` (faiss search, crops,
+recalls), `local_features` (the store between extraction and re-ranking), `reranking` (DHE inlier counts) and
+`pictures` (one PNG per query)."""
