@@ -118,7 +118,7 @@ class DHEInitialisation(Task):
 
     def __init__(self, settings: DHEInitSettings, device: torch.device, output_folder: Path, resume: dict | None):
         self.settings, self.device = settings.train, device
-        self.task_settings = settings
+        self.task_settings = settings  # the models', data's and evaluation's values; `settings`: the loop's
         self.seed, self.batch_size, self.num_workers = settings.seed, settings.batch_size, settings.num_workers
         self.rei_inliers, self.dataset_name = settings.rei_inliers, settings.dataset_name
         world_size, self.rank = distributed.get_world_size(), distributed.get_rank()

@@ -172,7 +172,7 @@ class Finetuning(Task):
 
     def __init__(self, settings: FinetuneSettings, device: torch.device, output_folder: Path, resume: dict | None):
         self.settings, self.device = settings.train, device
-        self.task_settings = settings
+        self.task_settings = settings  # the models', data's and evaluation's values; `settings`: the loop's
         self.batch_size, self.num_workers = settings.batch_size, settings.num_workers
         self.horizontal_flip, self.recall_values = settings.horizontal_flip, settings.train.recall_values
         self.loss_options = {
