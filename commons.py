@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "end_failed_run",
     "setup_logging",
     "close_logging",
+    "describe_flags",
     "log_run_header",
     "library_versions",
     "ModelConfig",
@@ -221,10 +222,16 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def log_run_header(args: argparse.Namespace, output_folder: Path) -> None:
-    """The first lines of every log: command, arguments, library versions, output folder."""
+def describe_flags(flags: Mapping[str, Any]) -> str:
+    """A script's flags ({dest: value}, in the parser's order) as the logs show them: as argparse prints its
+    Namespace, the form the logs of every run have had."""
+    return "Namespace(" + ", ".join(f"{name}={value!r}" for name, value in flags.items()) + ")"
+
+
+def log_run_header(flags: Mapping[str, Any], output_folder: Path) -> None:
+    """The first lines of every log: command, arguments (`flags`, {dest: value}), library versions, output folder."""
     logging.info("python " + " ".join(sys.argv))
-    logging.info(f"Arguments: {args}")
+    logging.info(f"Arguments: {describe_flags(flags)}")
     logging.info("Versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
     logging.info(f"The outputs are being saved in {output_folder}")
     logging.debug(f"Process id {os.getpid()}, {torch.get_num_threads()} torch threads")

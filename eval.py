@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> dict:
     results: dict = {"output_folder": output_folder}
     try:
         commons.setup_logging(output_folder)
-        commons.log_run_header(args, output_folder)
+        commons.log_run_header(vars(args), output_folder)
         return evaluate(
             parser.eval_settings(args, outputs=True),
             parser.model_config(args),

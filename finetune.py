@@ -16,19 +16,30 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
 
 import parser as flags
 from training.finetuning import Finetuning
 from training.loop import run, run_script
+from training.task import Task
 
 SCRIPT = "finetune"
+
+
+def build_task(run_flags: dict[str, Any], device: torch.device, output_folder: Path, resume: dict | None) -> Task:
+    """The task of the run's flags (those of the checkpoint where a resumed run takes them), for `training.loop.run`."""
+    settings = flags.finetune_settings(argparse.Namespace(**run_flags), device)
+    return Finetuning(settings, device, output_folder, resume)
 
 
 def main(args: argparse.Namespace, given_flags: set[str] | None = None) -> dict:
     """Fine-tune as the flags say; returns {"output_folder", "metrics" (rows), "results" (results.json)}.
     `given_flags`: the flags given on the command line, which a resumed run checks against its checkpoint's (None:
     every flag whose value differs from the checkpoint's counts as given)."""
-    return run(args, SCRIPT, Finetuning, given_flags)
+    return run(flags.run_options(args), dict(vars(args)), SCRIPT, build_task, given_flags)
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:

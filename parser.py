@@ -6,7 +6,7 @@ new, and `--patience` is opt-in (the original never stopped early). The flags co
 the check of its values beside it; every value is checked after parsing, and a bad one stops the script with a
 message that names the flag and what was expected. `model_config`, `eval_settings`, `mining_settings`,
 `query_augmentation`, `inference_settings` and `dataset_options` turn the parsed flags into the plain values the
-libraries take.
+libraries take; `run_options`, `dhe_init_settings` and `finetune_settings` into those of the training library.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from datasets_ws import InferenceSettings, MiningSettings, QueryAugmentation
 from evaluation.pipeline import EvalSettings
 from model.features_extractor import PATCH_SIZE
 from model.precision import COMPILE_MODES
+from training.dhe_init import LOG_PERIOD, SAVE_PERIOD, DHEInitSettings
+from training.finetuning import FinetuneSettings
+from training.loop import RunOptions
+from training.task import TrainSettings
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding accepts
 MAX_COUNT = 2**31 - 1  # counts, sizes and distances: anything larger is a typo, and overflows faiss or sklearn
@@ -635,6 +639,78 @@ def inference_settings(args: argparse.Namespace, device: torch.device) -> Infere
     """How the training scripts compute descriptors for mining and pairs: on `device`, --infer_batch_size a batch,
     --num_workers loader processes."""
     return InferenceSettings(device=device, batch_size=args.infer_batch_size, num_workers=args.num_workers)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """How `training.loop.run` sets up a run of a training script."""
+    return RunOptions(
+        device=args.device, seed=args.seed, exp_name=args.exp_name, amp=args.amp, resume_train=args.resume_train
+    )
+
+
+def dhe_init_settings(args: argparse.Namespace, device: torch.device) -> DHEInitSettings:
+    """`train_dhe.py`'s flags (the run's, after resuming) as the task's settings; `device`: where it trains."""
+    train = TrainSettings(
+        num_epochs=args.n_epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        log_period=min(LOG_PERIOD, args.iterations_per_epoch),
+        lr=args.lr,
+        amp=args.amp,
+        recall_values=tuple(args.recall_values),
+        save_period=SAVE_PERIOD,
+    )
+    return DHEInitSettings(
+        train=train,
+        model=model_config(args, args.resume_train),
+        evaluation=eval_settings(args),
+        inference=inference_settings(args, device),
+        datasets_folder=args.datasets_folder,
+        dataset_name=args.dataset_name,
+        dataset_options=dataset_options(args),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        qp_mode=args.qp_mode,
+        qp_threshold=args.qp_threshold,
+        optim=args.optim,
+        rei_inliers=args.rei_inliers,
+    )
+
+
+def finetune_settings(args: argparse.Namespace, device: torch.device) -> FinetuneSettings:
+    """`finetune.py`'s flags (the run's, after resuming) as the task's settings; `device`: where it trains."""
+    batches_per_loop = args.cache_refresh_rate // args.train_batch_size
+    train = TrainSettings(
+        num_epochs=args.epochs_num,
+        iterations_per_epoch=args.queries_per_epoch // args.cache_refresh_rate * batches_per_loop,
+        log_period=batches_per_loop,  # the original logged once per loop
+        lr=args.lr,
+        amp=args.amp,
+        recall_values=tuple(args.recall_values),
+        patience=args.patience,
+    )
+    return FinetuneSettings(
+        train=train,
+        model=model_config(args, args.resume_train),
+        evaluation=eval_settings(args),
+        inference=inference_settings(args, device),
+        mining=mining_settings(args),
+        augmentation=query_augmentation(args),
+        datasets_folder=args.datasets_folder,
+        dataset_name=args.dataset_name,
+        dataset_options=dataset_options(args),
+        seed=args.seed,
+        batch_size=args.train_batch_size,
+        num_workers=args.num_workers,
+        horizontal_flip=args.horizontal_flip,
+        queries_per_epoch=args.queries_per_epoch,
+        criterion=args.criterion,
+        margin=args.margin,
+        rei_weight=args.rei_weight,
+        rei_inliers=args.rei_inliers,
+        optim=args.optim,
+        rerank_val_from_epoch=args.rerank_val_from_epoch,
+    )
 
 
 def given_flags(script: str, argv: Sequence[str] | None = None) -> set[str]:

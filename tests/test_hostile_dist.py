@@ -35,7 +35,7 @@ COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "--num_reranked_pr
 DHE = ["--iterations_per_epoch", "1", "--batch_size", "4", "--qp_mode", "gt", "--n_epochs", "1"]
 FINETUNE = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "4", "--epochs_num", "1"]
 FINETUNE += ["--neg_samples_num", "8", "--rerank_val_from_epoch", "1"]
-SCRIPTS = {"train_dhe": (dhe_init.DHEInitialisation, DHE), "finetune": (finetuning.Finetuning, FINETUNE)}
+SCRIPTS = {"train_dhe": (train_dhe.build_task, DHE), "finetune": (finetune.build_task, FINETUNE)}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def _digest_task(script: str, digest_file: Path):
     """A `build_task` for `training.loop.run` that writes the digest of every model part of the built task, then
     stops."""
 
-    def build(args, device, output_folder, resume):
-        task = SCRIPTS[script][0](args, device, output_folder, resume)
+    def build(run_flags, device, output_folder, resume):
+        task = SCRIPTS[script][0](run_flags, device, output_folder, resume)
         modules = [distributed.unwrap(m) for m in task.modules.values()]
         if script == "train_dhe":
             modules.append(task.features_extractor)  # frozen, not in task.modules
@@ -79,10 +79,10 @@ def _equalised_task(script: str):
     """A `build_task` whose random draws are the same in every process: whole images instead of random crops,
     dropout off, unit DLT weights (they change the DLT only by rounding)."""
 
-    def build(args, device, output_folder, resume):
-        task = SCRIPTS[script][0](args, device, output_folder, resume)
+    def build(run_flags, device, output_folder, resume):
+        task = SCRIPTS[script][0](run_flags, device, output_folder, resume)
         if script == "train_dhe":
-            task.pairs.crop = T.Resize(list(args.resize), antialias=False)
+            task.pairs.crop = T.Resize(list(run_flags["resize"]), antialias=False)
         for module in task.modules.values():
             for layer in module.modules():
                 if isinstance(layer, nn.Dropout):
@@ -93,6 +93,11 @@ def _equalised_task(script: str):
         return task
 
     return build
+
+
+def _run_arguments(args) -> tuple:
+    """`training.loop.run`'s first arguments for parsed flags, as the scripts' `main` gives them."""
+    return flags.run_options(args), dict(vars(args))
 
 
 def _unit_dlt_weights(batch_size: int, device: torch.device) -> torch.Tensor:
@@ -114,11 +119,11 @@ def _process(rank: int, world_size: int, port: int, script: str, arguments: list
     args = flags.parse_arguments(script, arguments)
     if mode == "digest":
         try:
-            training.loop.run(args, script, _digest_task(script, Path(out) / f"digest_{rank}.txt"))
+            training.loop.run(*_run_arguments(args), script, _digest_task(script, Path(out) / f"digest_{rank}.txt"))
         except StopAfterBuilding:
             pass
     else:
-        training.loop.run(args, script, _equalised_task(script))
+        training.loop.run(*_run_arguments(args), script, _equalised_task(script))
 
 
 def _free_port() -> int:
@@ -183,7 +188,7 @@ def test_b_two_process_step_equals_one_process_step(world, tmp_path, monkeypatch
     monkeypatch.setattr(dhe_init, "dlt_weights", _unit_dlt_weights)
     monkeypatch.setattr(finetuning, "dlt_weights", _unit_dlt_weights)
     try:  # one process: here
-        training.loop.run(flags.parse_arguments(script, arguments), script, _equalised_task(script))
+        training.loop.run(*_run_arguments(flags.parse_arguments(script, arguments)), script, _equalised_task(script))
     finally:
         commons.close_logging()
     two, one = _trained_weights(tmp_path / "two", script), _trained_weights(tmp_path / "one", script)

@@ -326,13 +326,10 @@ def test_a_write_that_torch_reports_without_a_reason_is_one_line_that_says_what_
 def test_a_checkpoint_older_than_rei_inliers_resumes_with_the_recount_it_was_trained_with():
     """Runs saved before --rei_inliers existed recounted the inliers (refined); resuming them keeps that count, and
     asking for the other one is refused."""
-    import argparse
-
-    args = argparse.Namespace(rei_inliers="minimal", lr=0.1)
+    args = {"rei_inliers": "minimal", "lr": 0.1}
     resolved = training.resume.resume_arguments(args, {"lr": 0.1}, given=set(), source="old.pth")
-    assert resolved.rei_inliers == "refined"
+    assert resolved["rei_inliers"] == "refined"
     with pytest.raises(training.task.TrainingError, match="--rei_inliers minimal contradicts the checkpoint's"):
         training.resume.resume_arguments(args, {"lr": 0.1}, given={"rei_inliers"}, source="old.pth")
-    assert training.resume.resume_arguments(
-        args, {"lr": 0.1, "rei_inliers": "minimal"}, set(), "new.pth"
-    ).rei_inliers == ("minimal")
+    resolved = training.resume.resume_arguments(args, {"lr": 0.1, "rei_inliers": "minimal"}, set(), "new.pth")
+    assert resolved["rei_inliers"] == "minimal"

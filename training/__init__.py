@@ -1,9 +1,11 @@
 """The training library that `train_dhe.py` and `finetune.py` drive.
 
 task.py         what a training script defines (`Task`, `TrainSettings`), its errors and shared checks;
-loop.py         the one loop: `run` (processes, run folder, logs, resume) -> `fit` -> `train_one_epoch`, ...;
+loop.py         the one loop: `run` (`RunOptions`: processes, run folder, logs, resume) -> `fit` -> ...;
 resume.py       `last_checkpoint.pth`: saving, loading, the resume tables, split digests, random states;
 records.py      the other files of a run folder: metrics.csv, training_curves.png, results.json;
-dhe_init.py     the DHE head's initialisation (`train_dhe.py`): `DHEInitialisation`, `head_loss`;
-finetuning.py   the joint fine-tuning (`finetune.py`): `Finetuning`, `joint_losses`, `metric_loss`.
+dhe_init.py     the DHE head's initialisation (`train_dhe.py`): `DHEInitSettings`, `DHEInitialisation`, `head_loss`;
+finetuning.py   the joint fine-tuning (`finetune.py`): `FinetuneSettings`, `Finetuning`, `joint_losses`, ...
+
+The tasks take typed settings; flags appear only as plain dicts, logged, resumed and saved.
 """

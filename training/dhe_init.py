@@ -9,10 +9,11 @@ recalls before and after re-ranking.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,8 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import parser
-from datasets_ws import BaseDataset, QueryPositivePairs
-from evaluation.pipeline import evaluate_split
+from datasets_ws import BaseDataset, InferenceSettings, QueryPositivePairs
+from evaluation.pipeline import EvalSettings, evaluate_split
 from model.checkpoints import save_state_dict
 from model.matching import rei_loss
 from model.rerank import predict_homographies
@@ -76,17 +76,37 @@ def head_loss(
         return rei_loss(local_query, local_positive, H, inliers=rei_inliers).mean()
 
 
-def dhe_settings(args: argparse.Namespace) -> TrainSettings:
-    """The loop's values for `train_dhe.py`'s flags."""
-    return TrainSettings(
-        num_epochs=args.n_epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        log_period=min(LOG_PERIOD, args.iterations_per_epoch),
-        lr=args.lr,
-        amp=args.amp,
-        recall_values=tuple(args.recall_values),
-        save_period=SAVE_PERIOD,
-    )
+@dataclass(frozen=True)
+class DHEInitSettings:
+    """What `DHEInitialisation` is built from (`parser.dhe_init_settings(args, device)`).
+
+    Attributes:
+        train: the loop's values (epochs, iterations, lr, amp, ...).
+        model: the frozen backbone and the head to build.
+        evaluation: the final test's settings.
+        inference: how the backbone computes the descriptors of the predicted pairs.
+        datasets_folder, dataset_name: where the splits are.
+        dataset_options: keyword arguments of the splits' `BaseDataset` (resize, positive_dist_threshold).
+        seed: of the pairs' order (the passes over them).
+        batch_size: pairs a global batch (every process takes its share); num_workers: data-loader processes.
+        qp_mode, qp_threshold: how the query-positive pairs are made (`QueryPositivePairs`).
+        optim: "adam" or "sgd"; rei_inliers: how the REI loss counts RANSAC's inliers ("minimal" or "refined").
+    """
+
+    train: TrainSettings
+    model: commons.ModelConfig
+    evaluation: EvalSettings
+    inference: InferenceSettings
+    datasets_folder: str
+    dataset_name: str
+    dataset_options: dict[str, Any]
+    seed: int
+    batch_size: int
+    num_workers: int
+    qp_mode: str
+    qp_threshold: float
+    optim: str
+    rei_inliers: str
 
 
 class DHEInitialisation(Task):
@@ -96,11 +116,11 @@ class DHEInitialisation(Task):
     loss_names = ("loss",)
     fixes = FIXES
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, output_folder: Path, resume: dict | None):
-        self.settings, self.device = dhe_settings(args), device
-        self.args = args  # for the conversions of parser: models, datasets, evaluation
-        self.seed, self.batch_size, self.num_workers = args.seed, args.batch_size, args.num_workers
-        self.rei_inliers, self.dataset_name = args.rei_inliers, args.dataset_name
+    def __init__(self, settings: DHEInitSettings, device: torch.device, output_folder: Path, resume: dict | None):
+        self.settings, self.device = settings.train, device
+        self.task_settings = settings  # the models', data's and evaluation's values; `settings`: the loop's
+        self.seed, self.batch_size, self.num_workers = settings.seed, settings.batch_size, settings.num_workers
+        self.rei_inliers, self.dataset_name = settings.rei_inliers, settings.dataset_name
         world_size, self.rank = distributed.get_world_size(), distributed.get_rank()
         if self.batch_size % world_size:
             raise TrainingError(f"--batch_size {self.batch_size} must be a multiple of the {world_size} processes")
@@ -108,22 +128,21 @@ class DHEInitialisation(Task):
         self._build_models(resume)
         self._build_data(resume)
         parameters = [p for p in self.head.parameters() if p.requires_grad]
-        if args.optim == "adam":
-            self.optimizer = torch.optim.Adam(parameters, lr=args.lr)
+        if settings.optim == "adam":
+            self.optimizer = torch.optim.Adam(parameters, lr=settings.train.lr)
         else:
             self.optimizer = torch.optim.SGD(
-                parameters, lr=args.lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
+                parameters, lr=settings.train.lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
             )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, SCHEDULER_STEP, SCHEDULER_GAMMA)
-        self.scaler = grad_scaler(device, args.amp)
+        self.scaler = grad_scaler(device, settings.train.amp)
         self._permutation_cache: tuple[int, np.ndarray] | None = None
 
     def _build_models(self, resume: dict | None) -> None:
         """The frozen backbone and the head (DDP-wrapped), the same weights in every process."""
-        args = self.args
+        model = self.task_settings.model
         from_checkpoint = ("homography_regression",) if resume is not None else ()
-        model_config = parser.model_config(args, args.resume_train)
-        self.features_extractor, head = commons.build_models(model_config, self.device, from_checkpoint)
+        self.features_extractor, head = commons.build_models(model, self.device, from_checkpoint)
         distributed.share_weights(self.features_extractor, head)  # the frozen backbone too: it is not in DDP
         self.features_extractor.eval().requires_grad_(False)
         # The frozen backbone is not in last_checkpoint.pth (it never changes): its digest is, so that a resumed run
@@ -133,9 +152,9 @@ class DHEInitialisation(Task):
             None,
             self.features_extractor_digest,
         ):
-            source = args.resume_fe or args.pretrained_cct or "random weights of --seed"
+            source = model.resume_fe or model.pretrained_cct or "random weights of --seed"
             raise TrainingError(
-                f"--resume_train {args.resume_train}: the features extractor ({source}) is not the one the run was "
+                f"--resume_train {model.resume_train}: the features extractor ({source}) is not the one the run was "
                 "trained with (its weights differ): the file changed since, or another one has its name; continue "
                 "with the original weights, or start a new run"
             )
@@ -144,8 +163,10 @@ class DHEInitialisation(Task):
 
     def _build_data(self, resume: dict | None) -> None:
         """The train split's query-positive pairs (the run's, when resuming) and the test split."""
-        args = self.args
-        train_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "train", **parser.dataset_options(args))
+        settings = self.task_settings
+        train_dataset = BaseDataset(
+            settings.datasets_folder, settings.dataset_name, "train", **settings.dataset_options
+        )
         logging.info(f"Train set: {train_dataset}")
         self.train_split_digest = split_digest(train_dataset)
         check_resumed_split(train_dataset, self.train_split_digest, resume)
@@ -154,20 +175,21 @@ class DHEInitialisation(Task):
         else:  # computed once by rank 0 with the initial backbone, as the original, and shared
             pairs = None
             if distributed.is_main_process():
-                inference = parser.inference_settings(args, self.device)
                 pairs = QueryPositivePairs(
-                    train_dataset, args.qp_mode, args.qp_threshold, self.features_extractor, inference
+                    train_dataset, settings.qp_mode, settings.qp_threshold, self.features_extractor, settings.inference
                 ).pairs
             pairs = distributed.broadcast_object(pairs)
-        self.pairs = QueryPositivePairs(train_dataset, args.qp_mode, args.qp_threshold, pairs=pairs)
+        self.pairs = QueryPositivePairs(train_dataset, settings.qp_mode, settings.qp_threshold, pairs=pairs)
         self.batches_per_pass = len(self.pairs) // self.batch_size
         if self.batches_per_pass == 0:
             raise TrainingError(
                 f"only {len(self.pairs)} query-positive pairs in {train_dataset.dataset_folder}, fewer than "
                 f"--batch_size {self.batch_size}"
             )
-        self.test_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "test", **parser.dataset_options(args))
-        check_split_measures(self.test_dataset, args.val_positive_dist_threshold, "final test")
+        self.test_dataset = BaseDataset(
+            settings.datasets_folder, settings.dataset_name, "test", **settings.dataset_options
+        )
+        check_split_measures(self.test_dataset, settings.dataset_options["positive_dist_threshold"], "final test")
 
     def _permutation(self, pass_index: int) -> np.ndarray:
         """The order of the pairs in pass `pass_index` over them: a function of --seed and the pass alone."""
@@ -214,7 +236,7 @@ class DHEInitialisation(Task):
     def test(self, output_folder: Path) -> dict:
         """The test split's recalls with the current head: evaluate_split's {"baseline_recalls", "reranked_recalls"}."""
         return evaluate_split(
-            parser.eval_settings(self.args),
+            self.task_settings.evaluation,
             self.test_dataset,
             self.features_extractor,
             distributed.unwrap(self.head),

@@ -11,11 +11,12 @@ opt-in `--patience`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,15 @@ from torch.utils.data import DataLoader, Subset
 
 import commons
 import distributed
-import parser
-from datasets_ws import BaseDataset, TripletsDataset, collate_fn
-from evaluation.pipeline import evaluate_split
+from datasets_ws import (
+    BaseDataset,
+    InferenceSettings,
+    MiningSettings,
+    QueryAugmentation,
+    TripletsDataset,
+    collate_fn,
+)
+from evaluation.pipeline import EvalSettings, evaluate_split
 from model.checkpoints import save_state_dict
 from model.files import replaced_atomically
 from model.matching import rei_loss
@@ -115,18 +122,45 @@ def joint_losses(
     return {"loss": metric + rei_weight * rei, "triplet_loss": metric, "rei_loss": rei}
 
 
-def finetuning_settings(args: argparse.Namespace) -> TrainSettings:
-    """The loop's values for `finetune.py`'s flags."""
-    batches_per_loop = args.cache_refresh_rate // args.train_batch_size
-    return TrainSettings(
-        num_epochs=args.epochs_num,
-        iterations_per_epoch=args.queries_per_epoch // args.cache_refresh_rate * batches_per_loop,
-        log_period=batches_per_loop,  # the original logged once per loop
-        lr=args.lr,
-        amp=args.amp,
-        recall_values=tuple(args.recall_values),
-        patience=args.patience,
-    )
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What `Finetuning` is built from (`parser.finetune_settings(args, device)`).
+
+    Attributes:
+        train: the loop's values (epochs, iterations, lr, amp, patience, ...).
+        model: the backbone and the head to build.
+        evaluation: the validation's settings.
+        inference: how the backbone computes the descriptors of the mining.
+        mining: the triplets' mining (`mining.cache_refresh_rate` queries a loop); augmentation: of the queries.
+        datasets_folder, dataset_name: where the splits are.
+        dataset_options: keyword arguments of the splits' datasets (resize, positive_dist_threshold).
+        seed: of the horizontal flips; batch_size: triplets a global batch (every process takes its share);
+        num_workers: data-loader processes; horizontal_flip: flip half of the batches.
+        queries_per_epoch: queries mined in an epoch (`mining.cache_refresh_rate` a loop).
+        criterion, margin, rei_weight, rei_inliers: the losses (`joint_losses`).
+        optim: "adam" or "sgd"; rerank_val_from_epoch: the first epoch whose validation re-ranks.
+    """
+
+    train: TrainSettings
+    model: commons.ModelConfig
+    evaluation: EvalSettings
+    inference: InferenceSettings
+    mining: MiningSettings
+    augmentation: QueryAugmentation
+    datasets_folder: str
+    dataset_name: str
+    dataset_options: dict[str, Any]
+    seed: int
+    batch_size: int
+    num_workers: int
+    horizontal_flip: bool
+    queries_per_epoch: int
+    criterion: str
+    margin: float
+    rei_weight: float
+    rei_inliers: str
+    optim: str
+    rerank_val_from_epoch: int
 
 
 class Finetuning(Task):
@@ -136,54 +170,53 @@ class Finetuning(Task):
     loss_names = ("loss", "triplet_loss", "rei_loss")
     fixes = FIXES
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, output_folder: Path, resume: dict | None):
-        self.settings, self.device = finetuning_settings(args), device
-        self.args = args  # for the conversions of parser: models, datasets, mining, evaluation
-        self.batch_size, self.num_workers = args.train_batch_size, args.num_workers
-        self.horizontal_flip, self.recall_values = args.horizontal_flip, tuple(args.recall_values)
+    def __init__(self, settings: FinetuneSettings, device: torch.device, output_folder: Path, resume: dict | None):
+        self.settings, self.device = settings.train, device
+        self.task_settings = settings  # the models', data's and evaluation's values; `settings`: the loop's
+        self.batch_size, self.num_workers = settings.batch_size, settings.num_workers
+        self.horizontal_flip, self.recall_values = settings.horizontal_flip, settings.train.recall_values
         self.loss_options = {
-            "criterion": args.criterion,
-            "margin": args.margin,
-            "rei_weight": args.rei_weight,
-            "rei_inliers": args.rei_inliers,
+            "criterion": settings.criterion,
+            "margin": settings.margin,
+            "rei_weight": settings.rei_weight,
+            "rei_inliers": settings.rei_inliers,
         }
-        self.rerank_val_from_epoch, self.dataset_name = args.rerank_val_from_epoch, args.dataset_name
+        self.rerank_val_from_epoch, self.dataset_name = settings.rerank_val_from_epoch, settings.dataset_name
+        cache_refresh_rate = settings.mining.cache_refresh_rate
         world_size, self.rank = distributed.get_world_size(), distributed.get_rank()
         if self.batch_size % world_size:
             raise TrainingError(
                 f"--train_batch_size {self.batch_size} must be a multiple of the {world_size} processes"
             )
-        if args.cache_refresh_rate < self.batch_size:
+        if cache_refresh_rate < self.batch_size:
             raise TrainingError(
-                f"--cache_refresh_rate {args.cache_refresh_rate} is less than --train_batch_size "
+                f"--cache_refresh_rate {cache_refresh_rate} is less than --train_batch_size "
                 f"{self.batch_size}: a loop would have no batch"
             )
         self.local_batch_size = self.batch_size // world_size
         self._build_models(resume)
         self._build_data(resume)
-        self.flip_generator = torch.Generator().manual_seed(args.seed)  # one draw per global batch, on every rank
+        self.flip_generator = torch.Generator().manual_seed(settings.seed)  # one draw per global batch, on every rank
 
         parameters = [p for m in (self.features_extractor, self.head) for p in m.parameters() if p.requires_grad]
-        if args.optim == "adam":
-            self.optimizer = torch.optim.Adam(parameters, lr=args.lr)
+        if settings.optim == "adam":
+            self.optimizer = torch.optim.Adam(parameters, lr=settings.train.lr)
         else:
             self.optimizer = torch.optim.SGD(
-                parameters, lr=args.lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
+                parameters, lr=settings.train.lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
             )
-        self.scaler = grad_scaler(device, args.amp)
-        self.loops_per_epoch = args.queries_per_epoch // args.cache_refresh_rate
-        self.batches_per_loop = args.cache_refresh_rate // self.batch_size
+        self.scaler = grad_scaler(device, settings.train.amp)
+        self.loops_per_epoch = settings.queries_per_epoch // cache_refresh_rate
+        self.batches_per_loop = cache_refresh_rate // self.batch_size
         self.selection_key = f"val_R@{5 if 5 in self.recall_values else self.recall_values[0]}"
         self.last_validation: dict = {}
         if resume is not None and distributed.is_main_process():
-            self._carry_best_model(Path(args.resume_train).parent, output_folder, resume)
+            self._carry_best_model(Path(settings.model.resume_train).parent, output_folder, resume)
 
     def _build_models(self, resume: dict | None) -> None:
         """The backbone and the head (DDP-wrapped), the same weights in every process."""
         from_checkpoint = ("features_extractor", "homography_regression") if resume is not None else ()
-        features_extractor, head = commons.build_models(
-            parser.model_config(self.args, self.args.resume_train), self.device, from_checkpoint
-        )
+        features_extractor, head = commons.build_models(self.task_settings.model, self.device, from_checkpoint)
         distributed.share_weights(features_extractor, head)  # rank 0's weights everywhere, frozen blocks included
         self.features_extractor = distributed.wrap(features_extractor, self.device)
         self.head = distributed.wrap(head, self.device)
@@ -191,23 +224,25 @@ class Finetuning(Task):
 
     def _build_data(self, resume: dict | None) -> None:
         """The train split's triplets and the validation split."""
-        args = self.args
+        settings = self.task_settings
         self.dataset = TripletsDataset(
-            args.datasets_folder,
-            args.dataset_name,
+            settings.datasets_folder,
+            settings.dataset_name,
             "train",
-            **parser.dataset_options(args),
-            mining=parser.mining_settings(args),
-            augmentation=parser.query_augmentation(args),
+            **settings.dataset_options,
+            mining=settings.mining,
+            augmentation=settings.augmentation,
         )
         logging.info(f"Train set: {self.dataset}")
         self.train_split_digest = split_digest(self.dataset)
         check_resumed_split(self.dataset, self.train_split_digest, resume)
-        self.val_dataset = BaseDataset(args.datasets_folder, args.dataset_name, "val", **parser.dataset_options(args))
+        self.val_dataset = BaseDataset(
+            settings.datasets_folder, settings.dataset_name, "val", **settings.dataset_options
+        )
         check_split_measures(
             self.val_dataset,
-            args.val_positive_dist_threshold,
-            "validation, which chooses the best model" + (" and stops early" if args.patience else ""),
+            settings.dataset_options["positive_dist_threshold"],
+            "validation, which chooses the best model" + (" and stops early" if settings.train.patience else ""),
         )
 
     def _carry_best_model(self, previous: Path, output_folder: Path, resume: dict) -> None:
@@ -234,8 +269,7 @@ class Finetuning(Task):
         """Rank 0 mines the next `--cache_refresh_rate` triplets; every rank gets them."""
         triplets = None
         if distributed.is_main_process():
-            inference = parser.inference_settings(self.args, self.device)
-            self.dataset.compute_triplets(distributed.unwrap(self.features_extractor), inference)
+            self.dataset.compute_triplets(distributed.unwrap(self.features_extractor), self.task_settings.inference)
             triplets = self.dataset.triplets_global_indexes
         self.dataset.triplets_global_indexes = distributed.broadcast_object(triplets)
 
@@ -278,7 +312,7 @@ class Finetuning(Task):
         """The validation split's recalls with the current models, re-ranked when `rerank`: evaluate_split's
         {"baseline_recalls", "reranked_recalls"}."""
         return evaluate_split(
-            parser.eval_settings(self.args),
+            self.task_settings.evaluation,
             self.val_dataset,
             distributed.unwrap(self.features_extractor),
             distributed.unwrap(self.head),

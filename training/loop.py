@@ -17,12 +17,12 @@ and the task's state dicts (`homography_regression_{epoch:03d}.torch`, ...), sav
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,25 @@ from training.resume import (
 from training.task import NonFiniteLossError, Task, TrainingError
 
 EXPECTED_ERRORS = (TrainingError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `run` sets up a run: the flags of the same names (`parser.run_options(args)`).
+
+    Attributes:
+        device: --device, for `distributed.init` ("auto", "cpu", "cuda", ...).
+        seed: the seed of the processes (a resumed run's is the checkpoint's).
+        exp_name: the run folder is `logs/<exp_name>/<date>/`.
+        amp: mixed precision (said in the first lines of info.log).
+        resume_train: a `last_checkpoint.pth` to continue, or None.
+    """
+
+    device: str
+    seed: int
+    exp_name: str
+    amp: bool
+    resume_train: str | None = None
 
 
 def train_one_epoch(task: Task, device: torch.device, epoch: int, progress: Progress, output_folder: Path) -> dict:
@@ -185,51 +204,53 @@ def fit(
 
 
 def run(
-    args: argparse.Namespace,
+    options: RunOptions,
+    flags: dict[str, Any],
     script: str,
-    build_task: Callable[[argparse.Namespace, torch.device, Path, dict | None], Task],
+    build_task: Callable[[dict[str, Any], torch.device, Path, dict | None], Task],
     given_flags: set[str] | None = None,
 ) -> dict:
     """Set up the processes, the run folder and the logs, resume if asked, build the task and `fit` it.
 
-    `args`: the script's flags (logged, checked against a resumed checkpoint's, saved in the checkpoint and given to
-    `build_task`); `given_flags`: those given on the command line (see `resume_arguments`).
+    `flags`: the script's flags ({dest: value}, as parsed): logged, checked against a resumed checkpoint's
+    (`resume_arguments`) and saved in the checkpoint; `build_task(run_flags, device, output_folder, resume)`: the
+    script's task, built from the run's flags (those of the checkpoint where the run takes them) and the checkpoint
+    (None for a new run); `given_flags`: those given on the command line (see `resume_arguments`).
 
     A run that fails before it saved any weights leaves no run folder; a later failure or interruption keeps the
     folder and every weights file in it (`last_checkpoint.pth` is the last complete epoch), and the last line of
     its info.log says what happened.
     """
-    device = distributed.init(args.device)
+    device = distributed.init(options.device)
     try:
-        commons.make_deterministic(commons.process_seed(args.seed, distributed.get_rank()))
-        output_folder = commons.make_run_folder(args.exp_name) if distributed.is_main_process() else None
+        commons.make_deterministic(commons.process_seed(options.seed, distributed.get_rank()))
+        output_folder = commons.make_run_folder(options.exp_name) if distributed.is_main_process() else None
         output_folder = Path(distributed.broadcast_object(str(output_folder) if output_folder else None))
         try:
             if distributed.is_main_process():
                 commons.setup_logging(output_folder)
-                commons.log_run_header(args, output_folder)
+                commons.log_run_header(flags, output_folder)
             else:  # rank 0 speaks for every process; the others report errors only
                 logging.getLogger().setLevel(logging.ERROR)
             world_size = distributed.get_world_size()
             logging.info(
                 f"{script}.py on {device}, {world_size} process{'es' if world_size > 1 else ''}"
-                + (" with mixed precision " + str(amp_dtype(device)).removeprefix("torch.") if args.amp else "")
+                + (" with mixed precision " + str(amp_dtype(device)).removeprefix("torch.") if options.amp else "")
             )
-            resume = load_training_checkpoint(args.resume_train, script) if args.resume_train else None
+            resume = load_training_checkpoint(options.resume_train, script) if options.resume_train else None
             if resume is not None:
-                seed = args.seed
-                args = resume_arguments(args, resume.get("args", {}), given_flags, args.resume_train)
-                logging.debug(f"Arguments of the resumed run: {args}")
-                if args.seed != seed:  # the run's --seed, taken from the checkpoint: what is built before fit
-                    commons.make_deterministic(args.seed + distributed.get_rank())  # restores the generators
-            task = build_task(args, device, output_folder, resume)
+                flags = resume_arguments(flags, resume.get("args", {}), given_flags, options.resume_train)
+                logging.debug(f"Arguments of the resumed run: {commons.describe_flags(flags)}")
+                if flags["seed"] != options.seed:  # the run's --seed, taken from the checkpoint: what is built next
+                    commons.make_deterministic(commons.process_seed(flags["seed"], distributed.get_rank()))
+            task = build_task(flags, device, output_folder, resume)
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
-            flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-            return fit(task, device, output_folder, flags, resume, args.resume_train)
+            saved_flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
+            return fit(task, device, output_folder, saved_flags, resume, options.resume_train)
         except BaseException as error:
             if distributed.is_main_process():
-                _end_stopped_run(output_folder, error, args.resume_train)
+                _end_stopped_run(output_folder, error, options.resume_train)
             raise
     finally:
         distributed.shutdown()

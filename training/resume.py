@@ -3,7 +3,6 @@ what a resumed run does with each flag (RESUME_CHANGEABLE, RESUME_LEGACY, RESUME
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -136,19 +135,20 @@ def _as_checkpoint_value(value: Any) -> Any:
 
 
 def resume_arguments(
-    args: argparse.Namespace, checkpoint_args: dict, given: set[str] | None, source: str
-) -> argparse.Namespace:
+    flags: dict[str, Any], checkpoint_args: dict[str, Any], given: set[str] | None, source: str
+) -> dict[str, Any]:
     """The flags of a run resumed from a checkpoint whose flags were `checkpoint_args`, by RESUME_CHANGEABLE and
-    RESUME_FREE (every other flag must match). `given`: the flags given on the command line (None: every flag whose
-    value differs from the checkpoint's counts as given). Logs what is taken from the checkpoint and what changes.
+    RESUME_FREE (every other flag must match): `flags` (the command line's, {dest: value}) with the values taken from
+    the checkpoint. `given`: the flags given on the command line (None: every flag whose value differs from the
+    checkpoint's counts as given). Logs what is taken from the checkpoint and what changes.
 
     Raises:
         TrainingError: naming each given flag that contradicts the checkpoint, with both values.
     """
-    resolved = argparse.Namespace(**vars(args))
-    checkpoint_args = {**{k: v for k, v in RESUME_LEGACY.items() if k in vars(args)}, **checkpoint_args}
+    resolved = dict(flags)
+    checkpoint_args = {**{k: v for k, v in RESUME_LEGACY.items() if k in flags}, **checkpoint_args}
     taken, changed, refused = [], [], []
-    for name, value in sorted(vars(args).items()):
+    for name, value in sorted(flags.items()):
         if name in RESUME_FREE or name not in checkpoint_args:
             continue
         old = checkpoint_args[name]
@@ -157,7 +157,7 @@ def resume_arguments(
         shown_old = " ".join(map(str, old)) if isinstance(old, list) else old
         shown_new = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         if given is not None and name not in given:
-            setattr(resolved, name, tuple(old) if isinstance(value, tuple) else old)
+            resolved[name] = tuple(old) if isinstance(value, tuple) else old
             taken.append(f"--{name} {shown_old}")
         elif name in RESUME_CHANGEABLE:
             changed.append(f"--{name} {shown_new} (the run had {shown_old}: {RESUME_CHANGEABLE[name]})")
