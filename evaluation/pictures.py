@@ -1,4 +1,4 @@
-"""Pictures of what retrieval and re-ranking did, one PNG per query (Pillow only).
+"""Pictures of what retrieval and re-ranking did, one PNG per query (drawn with Pillow).
 
 Each picture shows the query, its top-N predictions before re-ranking (global descriptors) and after (DHE inlier
 count), each framed green (a positive: within the evaluation distance), red (not one) or grey (no labels), with its
