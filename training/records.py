@@ -47,15 +47,21 @@ def _column(rows: Sequence[dict], name: str) -> list[float]:
 
 def training_figure(rows: Sequence[dict], validates: bool = True) -> Figure:
     """The chart of `rows` (metrics.csv's, one per epoch), 1000 x 400 pixels: left, the per-epoch mean of each loss
-    (the columns ending in "loss") with the learning rate on a second, logarithmic y axis; right, the validation
-    recalls (the "val_" columns: baseline and re-ranked). Each line is labelled with its column's name. For a run
-    that does not validate during training (`validates=False`: train_dhe.py) the recall panel says so."""
+    (the columns ending in "loss"; a logarithmic y axis when they span more than a factor 100) with the learning
+    rate on a second, logarithmic y axis; right, the validation recalls (the "val_" columns: baseline solid,
+    re-ranked dashed). Each line is labelled with its column's name. For a run that does not validate during
+    training (`validates=False`: train_dhe.py) the recall panel says so."""
     figure = new_figure(10, 4)
     loss_axes, recall_axes = figure.subplots(1, 2)
     epochs = [int(row["epoch"]) for row in rows]
     names = list(dict.fromkeys(key for row in rows for key in row))
+    loss_values = []
     for name in (n for n in names if n.endswith("loss")):
-        loss_axes.plot(epochs, _column(rows, name), "o-", markersize=3, label=name)
+        loss_values += _column(rows, name)
+        loss_axes.plot(epochs, loss_values[-len(rows) :], "o-", markersize=3, label=name)
+    finite = [v for v in loss_values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 100 * min(finite):  # e.g. finetune: loss = triplet + 100 x REI
+        loss_axes.set_yscale("log")
     loss_axes.set_title("training losses (epoch mean)")
     loss_axes.set_ylabel("loss")
     lr_axes = loss_axes.twinx()
@@ -65,13 +71,14 @@ def training_figure(rows: Sequence[dict], validates: bool = True) -> Figure:
     lr_axes.set_ylabel("learning rate")
     handles = loss_axes.get_legend_handles_labels()[0] + lr_axes.get_legend_handles_labels()[0]
     if handles:
-        loss_axes.legend(handles=handles, loc="upper right", fontsize=8)
+        loss_axes.legend(handles=handles, loc="best", fontsize=8)
     for name in (n for n in names if n.startswith("val_")):
-        style = "s-" if "reranked" in name else "o-"
+        style = "s--" if "reranked" in name else "o-"
         recall_axes.plot(epochs, _column(rows, name), style, markersize=3, label=name.removeprefix("val_"))
     recall_axes.set_title("validation recalls (%)")
     recall_axes.set_ylabel("Recall@N (%)")
     if recall_axes.lines:
+        recall_axes.set_ylim(top=min(recall_axes.get_ylim()[1], 101))  # no room above 100%
         recall_axes.legend(loc="lower right", fontsize=8, ncol=2)
     else:
         empty = "no data yet" if validates else "no validation during training:\nthe test recalls are in results.json"
