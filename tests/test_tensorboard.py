@@ -100,12 +100,14 @@ def test_tensorboard_logs_losses_recalls_pictures_and_resumes(world, tmp_path, m
     with Image.open(io.BytesIO(pictures[0].encoded_image_string)) as picture:
         assert picture.size == (pictures[0].width, pictures[0].height) and min(picture.size) > 100
 
+    checkpoint = training.resume.load_training_checkpoint(folder / training.resume.LAST_CHECKPOINT, "finetune")
+    per_epoch = len(iterations) // 2
+    assert checkpoint["iteration"] == iterations[-1] == checkpoint["epoch"] * per_epoch  # what a resumed run counts on
     continued = finetune.cli(
         [*data(world), *FINETUNE, "--epochs_num", "3", "--exp_name", "continued", "--tensorboard"]
         + ["--resume_train", str(folder / training.resume.LAST_CHECKPOINT)]
     )
     steps = sorted(scalars(events(continued["output_folder"]), "loss/loss"))
-    per_epoch = len(iterations) // 2
     assert steps == list(range(iterations[-1] + 1, iterations[-1] + per_epoch + 1))  # epoch 2 only, numbered on
 
 

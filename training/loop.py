@@ -222,7 +222,6 @@ def run(
     if args.tensorboard:
         require_tensorboard()  # before any process or folder is made
     device = distributed.init(args.device)
-    dashboard = None
     try:
         commons.make_deterministic(commons.process_seed(args.seed, distributed.get_rank()))
         output_folder = commons.make_run_folder(args.exp_name) if distributed.is_main_process() else None
@@ -249,16 +248,17 @@ def run(
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
             flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-            if args.tensorboard and distributed.is_main_process():
-                dashboard = TensorBoardLog(output_folder)
-            return fit(task, device, output_folder, flags, resume, args.resume_train, dashboard)
+            dashboard = TensorBoardLog(output_folder) if args.tensorboard and distributed.is_main_process() else None
+            try:
+                return fit(task, device, output_folder, flags, resume, args.resume_train, dashboard)
+            finally:  # complete event files before a stopped run's folder is kept or removed
+                if dashboard is not None:
+                    dashboard.close()
         except BaseException as error:
             if distributed.is_main_process():
                 _end_stopped_run(output_folder, error, args.resume_train)
             raise
     finally:
-        if dashboard is not None:
-            dashboard.close()
         distributed.shutdown()
 
 
