@@ -458,6 +458,13 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         "original's OpenCV 3.4.13 (minimal, default), or those recounted under the refitted model, as OpenCV "
         "4.11 and later (refined). See docs/ransac.md.",
     )
+    parser.add_argument_group("outputs").add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="Also write TensorBoard event files into the run folder: the losses and the learning rate of every "
+        "iteration, the validation recalls and one prediction picture per validation (needs the tensorboard "
+        "package; open with: tensorboard --logdir logs/).",
+    )
     group = parser.add_argument_group("resuming")
     group.add_argument(
         "--resume_train",
@@ -644,7 +651,12 @@ def inference_settings(args: argparse.Namespace, device: torch.device) -> Infere
 def run_options(args: argparse.Namespace) -> RunOptions:
     """How `training.loop.run` sets up a run of a training script."""
     return RunOptions(
-        device=args.device, seed=args.seed, exp_name=args.exp_name, amp=args.amp, resume_train=args.resume_train
+        device=args.device,
+        seed=args.seed,
+        exp_name=args.exp_name,
+        amp=args.amp,
+        resume_train=args.resume_train,
+        tensorboard=args.tensorboard,
     )
 
 

@@ -1,4 +1,4 @@
-"""Pictures of what retrieval and re-ranking did, one PNG per query (Pillow only).
+"""Pictures of what retrieval and re-ranking did, one PNG per query (drawn with Pillow).
 
 Each picture shows the query, its top-N predictions before re-ranking (global descriptors) and after (DHE inlier
 count), each framed green (a positive: within the evaluation distance), red (not one) or grey (no labels), with its
@@ -48,7 +48,9 @@ __all__ = [
     "Candidate",
     "prediction_picture",
     "picture_name",
+    "query_picture",
     "save_prediction_pictures",
+    "validation_picture",
 ]
 
 CORRECT_COLOUR = (0, 200, 0)
@@ -435,6 +437,42 @@ def picture_name(query_position: int, queries_num: int) -> str:
     return f"{query_position:0{max(4, len(str(max(queries_num - 1, 0))))}d}.png"
 
 
+def query_picture(
+    dataset: BaseDataset,
+    position: int,
+    predictions: np.ndarray,
+    reranked: np.ndarray,
+    rerank_scores: np.ndarray | None,
+    num_preds: int,
+    geometry: MatchGeometry,
+    positives: Sequence[np.ndarray] | None = None,
+    homographies: dict[str, tuple[str, np.ndarray]] | None = None,
+    tile_height: int = 128,
+) -> Image.Image:
+    """The picture of the query at `position` (see `save_prediction_pictures` for the arguments; `homographies`:
+    `load_true_homographies` of the split, None to read it; `rerank_scores` None: no inlier counts shown)."""
+    homographies = load_true_homographies(dataset.dataset_folder) if homographies is None else homographies
+    resize_hw = tuple(dataset.resize)
+    labelled = positives is not None and getattr(dataset, "queries_utms", None) is not None
+    scores = {} if rerank_scores is None else dict(zip(reranked[position].tolist(), rerank_scores[position].tolist()))
+
+    def candidate(database_index: int) -> Candidate:
+        database_index = int(database_index)
+        if not labelled:
+            return Candidate(dataset.database_paths[database_index], None, None, scores.get(database_index))
+        metres = float(np.linalg.norm(dataset.queries_utms[position] - dataset.database_utms[database_index]))
+        correct = bool(np.isin(database_index, positives[position]))
+        return Candidate(dataset.database_paths[database_index], correct, metres, scores.get(database_index))
+
+    num_preds = min(num_preds, predictions.shape[1])
+    before = [candidate(d) for d in predictions[position, :num_preds]]
+    after = [candidate(d) for d in reranked[position, :num_preds]]
+    query_path = dataset.queries_paths[position]
+    true_H, note = _true_homography(homographies, query_path, after[0].path, resize_hw)
+    title = f"query {position}: {os.path.basename(query_path)}"
+    return prediction_picture(query_path, before, after, geometry, resize_hw, title, true_H, note, tile_height)
+
+
 def save_prediction_pictures(
     folder: str | Path,
     dataset: BaseDataset,
@@ -462,38 +500,51 @@ def save_prediction_pictures(
         raise ValueError(f"{len(query_positions)} queries to save but {len(geometries)} match geometries")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    num_preds = min(num_preds, predictions.shape[1])
     homographies = load_true_homographies(dataset.dataset_folder)
-    resize_hw = tuple(dataset.resize)
-    labelled = positives is not None and getattr(dataset, "queries_utms", None) is not None
     paths = []
     for position, geometry in tqdm(
         list(zip(query_positions, geometries)), desc="saving pictures", ncols=100, leave=False
     ):
-        position = int(position)
-        scores = {int(d): float(s) for d, s in zip(reranked[position], rerank_scores[position])}
-
-        def candidate(database_index: int, position: int = position, scores: dict = scores) -> Candidate:
-            database_index = int(database_index)
-            if not labelled:
-                return Candidate(dataset.database_paths[database_index], None, None, scores.get(database_index))
-            metres = float(np.linalg.norm(dataset.queries_utms[position] - dataset.database_utms[database_index]))
-            correct = bool(np.isin(database_index, positives[position]))
-            return Candidate(dataset.database_paths[database_index], correct, metres, scores.get(database_index))
-
-        before = [candidate(d) for d in predictions[position, :num_preds]]
-        after = [candidate(d) for d in reranked[position, :num_preds]]
-        query_path = dataset.queries_paths[position]
-        true_H, note = _true_homography(homographies, query_path, after[0].path, resize_hw)
-        title = f"query {position}: {os.path.basename(query_path)}"
-        picture = prediction_picture(
-            query_path, before, after, geometry, resize_hw, title, true_H, note, tile_height=tile_height
-        )
-        path = folder / picture_name(position, dataset.queries_num)
+        picture = query_picture(
+            dataset, int(position), predictions, reranked, rerank_scores, num_preds, geometry, positives,
+            homographies, tile_height,
+        )  # fmt: skip
+        path = folder / picture_name(int(position), dataset.queries_num)
         with replaced_atomically(path) as temporary:
             picture.save(temporary, format="PNG", optimize=True)
         paths.append(path)
     return paths
+
+
+def validation_picture(
+    dataset: BaseDataset,
+    results: dict,
+    features_extractor: nn.Module,
+    homography_regression: nn.Module,
+    device: torch.device,
+    num_preds: int = 3,
+    position: int = 0,
+    tile_height: int = 96,
+) -> Image.Image:
+    """The picture of one query (`position`) from `evaluation.pipeline.evaluate_split`'s `results` after its local
+    feature store is gone: the local features of the query and of its top prediction are computed again (two
+    images), so it stays cheap. Without re-ranking (reranked_predictions None) both rows show the global ranking."""
+    predictions = results["predictions"]
+    reranked = results["reranked_predictions"]
+    scores = results["rerank_scores"]
+    if reranked is None:
+        reranked = predictions
+    query_index = dataset.database_num + position
+    images = torch.stack([dataset.hard_resized(query_index), dataset.hard_resized(int(reranked[position, 0]))])
+    features_extractor.eval()
+    with torch.inference_mode():
+        local = features_extractor(images.to(device))[1]
+    homography_regression.eval()
+    geometry = match_geometry(homography_regression, local[:1], local[1:])[0]
+    return query_picture(
+        dataset, position, predictions, reranked, scores, num_preds, geometry, dataset.get_positives(),
+        tile_height=tile_height,
+    )  # fmt: skip
 
 
 def _true_homography(

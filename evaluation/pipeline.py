@@ -23,7 +23,9 @@ import util
 from commons import ModelConfig, build_models
 from datasets_ws import BaseDataset
 from evaluation import pictures
+from evaluation.figures import RECALLS_PNG, recalls_figure, save_figure
 from evaluation.local_features import LocalFeatureStore, default_rerank_batch_size, local_features_memory_budget
+from evaluation.report import write_report
 from evaluation.reranking import rerank_predictions
 from evaluation.retrieval import log_recalls, merge_crop_predictions, search
 from model import FeaturesExtractor
@@ -76,8 +78,9 @@ def evaluate(
     output_folder: Path,
     results: dict | None = None,
 ) -> dict:
-    """Evaluate the test split of `dataset_name` with the models of `model_config`, and write results.json to
-    `output_folder`. Fills `results` (returned) as results become known (see `evaluate_split`)."""
+    """Evaluate the test split of `dataset_name` with the models of `model_config`, and write results.json and
+    recalls.png (`evaluation.figures.recalls_figure`; none without labels) to `output_folder`. Fills `results`
+    (returned) as results become known (see `evaluate_split`)."""
     results = {} if results is None else results
     dataset = BaseDataset(
         datasets_folder,
@@ -91,6 +94,12 @@ def evaluate(
     features_extractor, homography_regression = build_models(model_config, device)
     logging.info(f"Running on {device}{' with mixed precision' if settings.amp else ''}")
     evaluate_split(settings, dataset, features_extractor, homography_regression, device, output_folder, results=results)
+    if results["baseline_recalls"] is None:
+        logging.info(f"No labels (--no_labels): no recalls to draw, {RECALLS_PNG} not written")
+    else:
+        title = f"{dataset_name} {dataset.split}: Recall@N before and after re-ranking"
+        figure = recalls_figure(settings.recall_values, results["baseline_recalls"], results["reranked_recalls"], title)
+        save_figure(figure, output_folder / RECALLS_PNG)
     util.save_results(
         output_folder / "results.json",
         settings.recall_values,
@@ -178,7 +187,7 @@ def write_outputs(
 ) -> None:
     """After re-ranking: log the time of each stage, write predictions.csv (with `save_predictions` or
     `no_labels`; `distances` (Q, k) of the global stage) and the pictures of the `saved` query positions (S,) with
-    their top match `geometries` (S,)."""
+    their top match `geometries` (S,), and `preds/index.html` over them (`evaluation.report`)."""
     predictions, reranked, scores = results["predictions"], results["reranked_predictions"], results["rerank_scores"]
     num_pairs = dataset.queries_num * min(settings.num_reranked_preds, predictions.shape[1])
     logging.info(
@@ -193,11 +202,16 @@ def write_outputs(
         logging.info(f"Predictions saved to {path}")
     if saved is not None:
         folder = output_folder / "preds"
-        pictures.save_prediction_pictures(
-            folder, dataset, saved, predictions, reranked, scores, settings.num_preds_to_save, geometries,
-            dataset.get_positives(),
+        positives = dataset.get_positives()
+        paths = pictures.save_prediction_pictures(
+            folder, dataset, saved, predictions, reranked, scores, settings.num_preds_to_save, geometries, positives
+        )
+        correct = [None if positives is None else bool(np.isin(reranked[q, 0], positives[q])) for q in saved]
+        page = write_report(
+            folder, paths, saved, [dataset.queries_paths[q] for q in saved], correct, settings.recall_values,
+            results["baseline_recalls"], results["reranked_recalls"], f"{dataset.dataset_name} {dataset.split}",
         )  # fmt: skip
-        logging.info(f"{len(saved)} prediction pictures saved to {folder}")
+        logging.info(f"{len(saved)} prediction pictures saved to {folder}, browse them with {page}")
 
 
 def local_features_path(settings: EvalSettings, output_folder: Path) -> Path:

@@ -66,7 +66,7 @@ def test_prediction_pictures(world, tmp_path, monkeypatch):
     result = run_eval(world, "tiny", "--num_preds_to_save", str(NUM_PREDS), "--exp_name", "pics")
     folder = result["output_folder"] / "preds"
     queries = sorted((world / "tiny" / "images" / "test" / "queries").glob("*.jpg"))
-    assert sorted(p.name for p in folder.iterdir()) == [f"{q:04d}.png" for q in range(len(queries))]
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{q:04d}.png" for q in range(len(queries))]
     copy = next(q for q, path in enumerate(queries) if "@copy@" in path.name)
 
     layout = pictures.Layout((SIZE, SIZE), NUM_PREDS)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -34,6 +35,7 @@ from datasets_ws import (
     TripletsDataset,
     collate_fn,
 )
+from evaluation import pictures
 from evaluation.pipeline import EvalSettings, evaluate_split
 from model.checkpoints import save_state_dict
 from model.files import replaced_atomically
@@ -210,6 +212,7 @@ class Finetuning(Task):
         self.batches_per_loop = cache_refresh_rate // self.batch_size
         self.selection_key = f"val_R@{5 if 5 in self.recall_values else self.recall_values[0]}"
         self.last_validation: dict = {}
+        self.validation_results: dict | None = None  # the last evaluate_split's, for validation_picture
         if resume is not None and distributed.is_main_process():
             self._carry_best_model(Path(settings.model.resume_train).parent, output_folder, resume)
 
@@ -326,6 +329,7 @@ class Finetuning(Task):
         save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
         rerank = epoch >= self.rerank_val_from_epoch
         result = self.validate(output_folder, rerank)
+        self.validation_results = result
         metrics = {f"val_R@{n}": float(v) for n, v in zip(self.recall_values, result["baseline_recalls"])}
         if rerank:
             metrics |= {f"val_reranked_R@{n}": float(v) for n, v in zip(self.recall_values, result["reranked_recalls"])}
@@ -335,6 +339,17 @@ class Finetuning(Task):
             "epoch": epoch,
         }
         return metrics
+
+    def validation_picture(self) -> Image.Image | None:
+        if self.validation_results is None:
+            return None
+        return pictures.validation_picture(
+            self.val_dataset,
+            self.validation_results,
+            distributed.unwrap(self.features_extractor),
+            distributed.unwrap(self.head),
+            self.device,
+        )
 
     def save_best(self, output_folder: Path) -> None:
         save_state_dict(self.features_extractor, output_folder / BEST_FILES[0])

@@ -9,7 +9,8 @@ interruptions into one line on stderr and an exit code.
 Files of a run folder `logs/<exp_name>/<YYYY-MM-DD_HH-MM-SS>/`:
     info.log, debug.log     the command, arguments, versions, counts and the periodic loss lines;
     metrics.csv             one row per epoch: epoch, the losses, lr, seconds, val_R@N and val_reranked_R@N;
-    training_curves.png     the losses and recalls per epoch, redrawn each epoch;
+    training_curves.png     the losses and recalls per epoch, redrawn each epoch (matplotlib);
+    events.out.tfevents.*   with --tensorboard: losses and lr per iteration, recalls and a picture per validation;
     last_checkpoint.pth     everything `--resume_train` needs, rewritten atomically each epoch;
     results.json            recalls at the end (util.save_results);
 and the task's state dicts (`homography_regression_{epoch:03d}.torch`, ...), saved atomically.
@@ -33,6 +34,7 @@ import commons
 import distributed
 from model.checkpoints import CheckpointMismatchError
 from model.precision import amp_autocast, amp_dtype
+from training.dashboard import TensorBoardLog, require_tensorboard
 from training.records import METRICS_CSV, PLOT_PNG, plot_metrics, save_training_results, write_metrics
 from training.resume import (
     LAST_CHECKPOINT,
@@ -58,6 +60,7 @@ class RunOptions:
         exp_name: the run folder is `logs/<exp_name>/<date>/`.
         amp: mixed precision (said in the first lines of info.log).
         resume_train: a `last_checkpoint.pth` to continue, or None.
+        tensorboard: write TensorBoard event files into the run folder (rank 0).
     """
 
     device: str
@@ -65,11 +68,20 @@ class RunOptions:
     exp_name: str
     amp: bool
     resume_train: str | None = None
+    tensorboard: bool = False
 
 
-def train_one_epoch(task: Task, device: torch.device, epoch: int, progress: Progress, output_folder: Path) -> dict:
-    """One epoch of optimizer steps (the scheduler stepped after each); `progress.iteration` counts them.
-    Returns {loss name: mean over the epoch's steps of the mean over processes}.
+def train_one_epoch(
+    task: Task,
+    device: torch.device,
+    epoch: int,
+    progress: Progress,
+    output_folder: Path,
+    dashboard: TensorBoardLog | None = None,
+) -> dict:
+    """One epoch of optimizer steps (the scheduler stepped after each); `progress.iteration` counts them, and each
+    step's losses and learning rate go to `dashboard` when given. Returns {loss name: mean over the epoch's steps of
+    the mean over processes}.
 
     Raises:
         NonFiniteLossError: before the step of a NaN or infinite loss.
@@ -99,6 +111,7 @@ def train_one_epoch(task: Task, device: torch.device, epoch: int, progress: Prog
                 "optimizer step; nothing of this epoch is saved"
                 + (f", the last good checkpoint is {output_folder / LAST_CHECKPOINT}" if epoch > 0 else "")
             )
+        lr = task.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
         task.optimizer.zero_grad(set_to_none=True)
         task.scaler.scale(losses["loss"]).backward()
         task.scaler.step(task.optimizer)
@@ -108,6 +121,8 @@ def train_one_epoch(task: Task, device: torch.device, epoch: int, progress: Prog
         progress.iteration += 1
         steps += 1
         sums += means
+        if dashboard is not None:
+            dashboard.log_iteration(progress.iteration, dict(zip(task.loss_names, means.tolist())), lr)
         window.append(float(means[0]))
         if len(window) == settings.log_period:
             logging.info(
@@ -165,10 +180,12 @@ def fit(
     flags: dict[str, Any],
     resume: dict | None = None,
     resume_source: str | None = None,
+    dashboard: TensorBoardLog | None = None,
 ) -> dict:
     """Train `task` from its current state (or from `resume`, read from the file `resume_source`) up to
     `task.settings.num_epochs`; returns what `run` returns. `flags`: the run's flags, saved in the checkpoint for
-    `resume_arguments` (tuples as lists)."""
+    `resume_arguments` (tuples as lists). `dashboard` (rank 0, `--tensorboard`): gets every step's losses, each
+    epoch's row and each validation's picture, at the global iteration."""
     settings, is_main = task.settings, distributed.is_main_process()
     progress = Progress()
     if resume is not None:
@@ -181,8 +198,13 @@ def fit(
         )
     for epoch in range(progress.epoch, settings.num_epochs):
         epoch_start = time.perf_counter()
-        epoch_losses = train_one_epoch(task, device, epoch, progress, output_folder)
+        epoch_losses = train_one_epoch(task, device, epoch, progress, output_folder, dashboard)
         record_epoch(task, epoch, epoch_losses, epoch_start, progress, output_folder)
+        if dashboard is not None:
+            dashboard.log_epoch(progress.iteration, progress.rows[-1], task.loss_names)
+            picture = task.validation_picture()
+            if picture is not None:
+                dashboard.log_picture(progress.iteration, picture)
         progress.epoch = epoch + 1
         states = distributed.gather_objects(capture_rng_states())
         if is_main:
@@ -221,6 +243,8 @@ def run(
     folder and every weights file in it (`last_checkpoint.pth` is the last complete epoch), and the last line of
     its info.log says what happened.
     """
+    if options.tensorboard:
+        require_tensorboard()  # before any process or folder is made
     device = distributed.init(options.device)
     try:
         commons.make_deterministic(commons.process_seed(options.seed, distributed.get_rank()))
@@ -247,7 +271,12 @@ def run(
             for line in task.fixes:
                 logging.info(f"Differs from the original on purpose: {line}")
             saved_flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
-            return fit(task, device, output_folder, saved_flags, resume, options.resume_train)
+            dashboard = TensorBoardLog(output_folder) if options.tensorboard and distributed.is_main_process() else None
+            try:
+                return fit(task, device, output_folder, saved_flags, resume, options.resume_train, dashboard)
+            finally:  # complete event files before a stopped run's folder is kept or removed
+                if dashboard is not None:
+                    dashboard.close()
         except BaseException as error:
             if distributed.is_main_process():
                 _end_stopped_run(output_folder, error, options.resume_train)

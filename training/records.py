@@ -1,5 +1,5 @@
 """The files of a run folder besides the checkpoints: `metrics.csv` (one row per epoch), the chart
-`training_curves.png` (drawn with Pillow) and the run's `results.json`."""
+`training_curves.png` (drawn with matplotlib) and the run's `results.json`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import util
+from evaluation.figures import new_figure, save_figure
 from model.files import replaced_atomically
 
 METRICS_CSV = "metrics.csv"
@@ -38,73 +40,61 @@ def read_metrics(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+def _column(rows: Sequence[dict], name: str) -> list[float]:
+    """The values of column `name`, NaN where a row has none (matplotlib leaves a gap)."""
+    return [float(row[name]) if row.get(name) not in (None, "") else math.nan for row in rows]
 
 
-def _panel(
-    draw: ImageDraw.ImageDraw,
-    box: tuple[int, int, int, int],
-    title: str,
-    series: dict[str, list],
-    epochs: list,
-    empty: str = "no data yet",
-) -> None:
-    """One line chart inside `box` (left, top, right, bottom): axes, min/max labels, one polyline per series; the
-    text `empty` where there is nothing to draw."""
-    left, top, right, bottom = box
-    draw.text((left, top - 16), title, fill="black")
-    draw.rectangle(box, outline="black")
-    values = [v for points in series.values() for v in points if v is not None and math.isfinite(v)]
-    if not values or not epochs:
-        draw.text((left + 8, top + 8), empty, fill="grey")
-        return
-    low, high = min(values), max(values)
-    if high == low:
-        low, high = low - 1, high + 1
-    first, last = min(epochs), max(epochs)
-    span = max(last - first, 1)
-
-    def xy(epoch: float, value: float) -> tuple[float, float]:
-        return (
-            left + 6 + (epoch - first) / span * (right - left - 12),
-            bottom - 6 - (value - low) / (high - low) * (bottom - top - 12),
-        )
-
-    draw.text((left - 58, top), f"{high:.4g}", fill="black")
-    draw.text((left - 58, bottom - 12), f"{low:.4g}", fill="black")
-    draw.text((left, bottom + 4), f"epoch {first}", fill="black")
-    draw.text((right - 60, bottom + 4), f"epoch {last}", fill="black")
-    for slot, (name, points) in enumerate(series.items()):
-        colour = _COLOURS[slot % len(_COLOURS)]
-        line = [xy(e, v) for e, v in zip(epochs, points) if v is not None and math.isfinite(v)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        legend_y = top + 6 + 14 * slot
-        draw.line((right - 150, legend_y + 6, right - 135, legend_y + 6), fill=colour, width=2)
-        draw.text((right - 130, legend_y), name, fill=colour)
+def training_figure(rows: Sequence[dict], validates: bool = True) -> Figure:
+    """The chart of `rows` (metrics.csv's, one per epoch), 1000 x 400 pixels: left, the per-epoch mean of each loss
+    (the columns ending in "loss"; a logarithmic y axis when they span more than a factor 100) with the learning
+    rate on a second, logarithmic y axis; right, the validation recalls (the "val_" columns: baseline solid,
+    re-ranked dashed). Each line is labelled with its column's name. For a run that does not validate during
+    training (`validates=False`: train_dhe.py) the recall panel says so."""
+    figure = new_figure(10, 4)
+    loss_axes, recall_axes = figure.subplots(1, 2)
+    epochs = [int(row["epoch"]) for row in rows]
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    loss_values = []
+    for name in (n for n in names if n.endswith("loss")):
+        loss_values += _column(rows, name)
+        loss_axes.plot(epochs, loss_values[-len(rows) :], "o-", markersize=3, label=name)
+    finite = [v for v in loss_values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 100 * min(finite):  # e.g. finetune: loss = triplet + 100 x REI
+        loss_axes.set_yscale("log")
+    loss_axes.set_title("training losses (epoch mean)")
+    loss_axes.set_ylabel("loss")
+    lr_axes = loss_axes.twinx()
+    if "lr" in names:
+        lr_axes.plot(epochs, _column(rows, "lr"), "--", color="grey", label="lr (right axis)")
+        lr_axes.set_yscale("log")
+    lr_axes.set_ylabel("learning rate")
+    handles = loss_axes.get_legend_handles_labels()[0] + lr_axes.get_legend_handles_labels()[0]
+    if handles:
+        loss_axes.legend(handles=handles, loc="best", fontsize=8)
+    for name in (n for n in names if n.startswith("val_")):
+        style = "s--" if "reranked" in name else "o-"
+        recall_axes.plot(epochs, _column(rows, name), style, markersize=3, label=name.removeprefix("val_"))
+    recall_axes.set_title("validation recalls (%)")
+    recall_axes.set_ylabel("Recall@N (%)")
+    if recall_axes.lines:
+        recall_axes.set_ylim(top=min(recall_axes.get_ylim()[1], 101))  # no room above 100%
+        recall_axes.legend(loc="lower right", fontsize=8, ncol=2)
+    else:
+        empty = "no data yet" if validates else "no validation during training:\nthe test recalls are in results.json"
+        recall_axes.text(0.5, 0.5, empty, transform=recall_axes.transAxes, ha="center", va="center", color="grey")
+        recall_axes.set_yticks([])
+    for axes in (loss_axes, recall_axes):
+        axes.set_xlabel("epoch")
+        axes.grid(True, alpha=0.4)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    return figure
 
 
 def plot_metrics(rows: Sequence[dict], path: str | Path, validates: bool = True) -> None:
-    """Draw the losses (left) and validation recalls (right) per epoch of `rows` to a PNG, atomically (Pillow).
-    For a run that does not validate during training (`validates=False`: train_dhe.py) the recall panel says so."""
-    path = Path(path)
-    epochs = [int(row["epoch"]) for row in rows]
-
-    def column(name: str) -> list:
-        return [float(row[name]) if row.get(name) not in (None, "") else None for row in rows]
-
-    names = list(dict.fromkeys(key for row in rows for key in row))
-    losses = {name: column(name) for name in names if name.endswith("loss")}
-    recalls = {name: column(name) for name in names if name.startswith("val_")}
-    image = Image.new("RGB", (1000, 400), "white")
-    draw = ImageDraw.Draw(image)
-    _panel(draw, (70, 30, 480, 360), "training losses (epoch mean)", losses, epochs)
-    empty = "no data yet" if validates else "no validation during training:\nthe test recalls are in results.json"
-    _panel(draw, (570, 30, 980, 360), "validation recalls (%)", recalls, epochs, empty)
-    with replaced_atomically(path) as temporary:
-        image.save(temporary, format="PNG")
+    """Write `training_figure(rows, validates)` to the PNG `path`, atomically."""
+    save_figure(training_figure(rows, validates), path)
 
 
 def save_training_results(output_folder: Path, recall_values: Sequence[int], results: dict) -> dict:

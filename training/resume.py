@@ -107,6 +107,7 @@ RESUME_FREE = {  # where and how this process runs, not what it trains: this run
     "efficient_ram_testing",
     "compile_head",
     "save_predictions",
+    "tensorboard",  # an output only: a resumed run may add or drop the event files
 }
 
 

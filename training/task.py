@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from model.precision import amp_dtype
@@ -110,6 +111,11 @@ class Task:
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         """Rank 0 after each epoch: save the epoch's files, validate; returns metrics.csv columns (val_R@N ...)."""
         return {}
+
+    def validation_picture(self) -> Image.Image | None:
+        """Rank 0, after `end_epoch`: a picture of the epoch's validation for `--tensorboard`, or None (no
+        validation)."""
+        return None
 
     def save_best(self, output_folder: Path) -> None:
         """Rank 0, when `selection_key` improved: save the best model's files."""
