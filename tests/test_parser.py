@@ -91,7 +91,7 @@ def test_queries_per_epoch_must_be_a_multiple_of_cache_refresh_rate(capsys):
 
 @pytest.mark.parametrize("script", ["finetune", "train_dhe"])
 def test_training_parsers_have_no_eval_outputs_and_older_checkpoints_still_resume(script):
-    import training
+    import training.resume
 
     args = parser.parse_arguments(script, ["--datasets_folder", "d"])
     eval_outputs = {"num_preds_to_save": 0, "save_only_wrong_preds": False, "no_labels": False}
@@ -100,7 +100,7 @@ def test_training_parsers_have_no_eval_outputs_and_older_checkpoints_still_resum
     assert (settings.num_preds_to_save, settings.save_only_wrong_preds, settings.no_labels) == (0, False, False)
     # the arguments of a checkpoint written when the training parsers still carried eval.py's output flags
     recorded = {name: list(value) if isinstance(value, tuple) else value for name, value in vars(args).items()}
-    resumed = training.resume_arguments(args, {**recorded, **eval_outputs}, set(), "last_checkpoint.pth")
+    resumed = training.resume.resume_arguments(args, {**recorded, **eval_outputs}, set(), "last_checkpoint.pth")
     assert vars(resumed) == vars(args)
 
 
