@@ -35,9 +35,7 @@ import util
 from evaluation import local_features, retrieval
 from evaluation.local_features import LocalFeatureStore
 from model import FeaturesExtractor
-from model.checkpoints import (
-    save_state_dict,
-)
+from model.checkpoints import save_state_dict
 
 SIZE = 128
 TRUNC_TE = 2  # two transformer blocks keep the test fast; the checkpoint is saved at that depth

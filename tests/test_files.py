@@ -15,9 +15,7 @@ import torch
 import commons
 import util
 from model import HomographyRegression, files
-from model.checkpoints import (
-    save_state_dict,
-)
+from model.checkpoints import save_state_dict
 from model.files import replaced_atomically
 
 ROOT = Path(__file__).resolve().parent.parent

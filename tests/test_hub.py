@@ -164,7 +164,7 @@ GRID = SIZE // 16
 
 @pytest.fixture(scope="module")
 def api_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("hostile_api")
+    folder = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)
     save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), folder / "features_extractor.torch")
     save_identity_head(folder / "homography_regression.torch", SIZE)

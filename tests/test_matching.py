@@ -115,7 +115,7 @@ def test_parity_with_fp32_features(reference_on_device, dhe_homographies, device
     The REI of the unrelated img3 is left out: its k comes from RANSAC on 8 random matches, which gives 0 or 5
     inliers by the luck of the draw (OpenCV 4.14 gives 0 on these matches, the reference 1). The reference's k were
     counted after the refit (OpenCV 4.x), so the REI is compared with `inliers="refined"`; the default, the best
-    minimal model's inliers (OpenCV 3.4.x), is tested in tests/test_hostile_dist.py.
+    minimal model's inliers (OpenCV 3.4.x), is tested below.
     """
     reference = reference_on_device
     with torch.inference_mode():

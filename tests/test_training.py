@@ -30,18 +30,16 @@ import training.records
 import training.resume
 import training.task
 from model import FeaturesExtractor, HomographyRegression, checkpoints, files
-from model.checkpoints import (
-    load_features_extractor,
-    load_homography_regression,
-)
+from model.checkpoints import load_features_extractor, load_homography_regression
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, TRUNC_TE = 64, 1
 COMMON = ["--resize", str(SIZE), str(SIZE), "--trunc_te", str(TRUNC_TE), "--num_workers", "0", "--device", "cpu"]
 COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "5", "--num_reranked_preds", "4"]
 DHE = ["--iterations_per_epoch", "2", "--batch_size", "4", "--qp_mode", "gt"]
-FINETUNE = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "2"]
-FINETUNE += ["--neg_samples_num", "8", "--horizontal_flip", "--random_resized_crop", "0.3"]
+FINETUNE_PLAIN = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "2"]
+FINETUNE_PLAIN += ["--neg_samples_num", "8"]
+FINETUNE = [*FINETUNE_PLAIN, "--horizontal_flip", "--random_resized_crop", "0.3"]
 
 
 @pytest.fixture
@@ -234,6 +232,15 @@ def far_queries_world(root: Path) -> Path:
     return root
 
 
+def run_failing(cli, argv: list[str], capsys, code: int = 1) -> str:
+    with pytest.raises(SystemExit) as error:
+        cli(argv)
+    assert error.value.code == code
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    return message
+
+
 def test_bad_input_is_one_clear_line(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     dhe = [*data(world), *DHE, "--n_epochs", "1"]
@@ -271,27 +278,7 @@ def test_bad_input_is_one_clear_line(world, tmp_path, monkeypatch, capsys):
     assert [p.name for p in (tmp_path / "logs").iterdir()] == ["done"]
 
 
-FINETUNE_PLAIN = [  # FINETUNE without its augmentations
-    "--cache_refresh_rate",
-    "4",
-    "--queries_per_epoch",
-    "4",
-    "--train_batch_size",
-    "2",
-    "--neg_samples_num",
-    "8",
-]
-
-
-def run_failing(cli, argv: list[str], capsys, code: int = 1) -> str:
-    with pytest.raises(SystemExit) as error:
-        cli(argv)
-    assert error.value.code == code
-    message = capsys.readouterr().err
-    assert "Traceback" not in message
-    return message
-
-
+# ------------------------------------------------------ failures, resources, resuming, validation that measures nothing
 def last_log_line(folder: Path) -> str:
     return (folder / "info.log").read_text().strip().splitlines()[-1]
 
