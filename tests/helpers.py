@@ -103,11 +103,7 @@ def dead_pid() -> int:
 # --- run folders and the dataset tools (make_vg_dataset.py, synthetic.py, demo.py's world)
 
 BAD_EXP_NAMES = ["../escape", "/tmp/absolute", "a/b", "", ".", "..", "a\nb", "a\x00b", "x" * 201]
-
-
 MARKER = ".dataset_tool.json"  # the marker of the datasets the tools write (tool_outputs.MARKER)
-
-
 MICRO = {  # the smallest world: one street per split, for the tests of the writing behaviour
     "image_size": (48, 64),
     "database_per_split": (2, 2, 2),
@@ -115,7 +111,6 @@ MICRO = {  # the smallest world: one street per split, for the tests of the writ
     "images_per_street": 2,
     "database_spacing": 5.0,
 }
-
 
 # made-up photos on a street of Venice, in degrees (1e-4 degrees of latitude is about 11 m)
 LAT, LON = 45.4371, 12.3326

@@ -539,8 +539,6 @@ AUGMENTATION_LIMITS = [
     {"random_resized_crop": 0.999999},
     {"random_rotation": 180.0},
 ]
-
-
 ODD_SIZES = [(1, 1), (1, 300), (300, 1), (2, 500), (500, 2), (3, 3), (17, 9)]  # (width, height), all below --resize
 
 

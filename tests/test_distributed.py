@@ -1,5 +1,8 @@
-"""Training in several processes (distributed.py with gloo on CPU): seeds near 2**32, every process holding rank 0's
-weights, a two-process step equal to a one-process step, and --rei_inliers reaching the loss and the checkpoint."""
+"""Several processes (distributed.py), seeds near 2**32 and the REI loss's inlier counting in training.
+
+The two-process tests start 2 gloo processes on the CPU with torch.multiprocessing and run `training.loop.run` in each,
+on a tiny synthetic world of their own at 48 x 48 (resized to 32 x 32) with one CCT block, so that they take a few
+seconds."""
 
 from __future__ import annotations
 
@@ -25,23 +28,11 @@ from tools.synthetic.world import generate_world
 from training import dhe_init, finetuning
 
 SIZE = 32
-
-
 COMMON = ["--resize", str(SIZE), str(SIZE), "--trunc_te", "1", "--num_workers", "0", "--device", "cpu"]
-
-
 COMMON += ["--infer_batch_size", "8", "--recall_values", "1", "--num_reranked_preds", "2"]
-
-
 DHE = ["--iterations_per_epoch", "1", "--batch_size", "4", "--qp_mode", "gt", "--n_epochs", "1"]
-
-
 FINETUNE = ["--cache_refresh_rate", "4", "--queries_per_epoch", "4", "--train_batch_size", "4", "--epochs_num", "1"]
-
-
 FINETUNE += ["--neg_samples_num", "8", "--rerank_val_from_epoch", "1"]
-
-
 SCRIPTS = {"train_dhe": (dhe_init.DHEInitialisation, DHE), "finetune": (finetuning.Finetuning, FINETUNE)}
 
 
