@@ -448,6 +448,7 @@ def test_hard_resize_is_the_originals_bilinear_resize_without_antialiasing(tmp_p
     torch.testing.assert_close(dataset[1][0], (expected - mean) / std)  # the query, test_method hard_resize
 
 
+# --------------------------------------------------------------------- odd datasets: copies of the tiny synthetic world
 @pytest.fixture
 def world_copy(tiny_world, tmp_path) -> Path:
     import shutil
@@ -525,6 +526,7 @@ def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
         open_split(world_copy, "train")
 
 
+# ------------------------------------------------------------------------------------ query augmentations on odd images
 SIZE = 64  # the --resize of the augmentation tests
 AUGMENTATION_LIMITS = [
     {"brightness": 1e38},

@@ -2,7 +2,8 @@
 
 The two-process tests start 2 gloo processes on the CPU with torch.multiprocessing and run `training.loop.run` in each,
 on a tiny synthetic world of their own at 48 x 48 (resized to 32 x 32) with one CCT block, so that they take a few
-seconds."""
+seconds.
+"""
 
 from __future__ import annotations
 

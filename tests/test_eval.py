@@ -37,6 +37,7 @@ from evaluation.local_features import LocalFeatureStore
 from model import FeaturesExtractor
 from model.checkpoints import save_state_dict
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128
 TRUNC_TE = 2  # two transformer blocks keep the test fast; the checkpoint is saved at that depth
 DATABASE = {
@@ -205,9 +206,7 @@ def test_evaluate_split_from_plain_values(handmade_world, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary local features are gone; nothing else is written
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
+# -------------------------------------------------------------------- when things go wrong, on the tiny synthetic world
 def run_folders(root: Path) -> list[Path]:
     return sorted(p for p in (root / "logs").glob("*/*") if p.is_dir()) if (root / "logs").exists() else []
 

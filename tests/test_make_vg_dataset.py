@@ -186,6 +186,7 @@ def test_existing_dataset_is_kept_unless_overwrite(photos, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["twice"]
 
 
+# ------------------------------------------------------------------------ --overwrite replaces only what the tool wrote
 def _old_vg_dataset(tmp_path: Path) -> Path:
     """A dataset as make_vg_dataset.py wrote it before the marker: no way to tell it from a user's folder."""
     folder = tmp_path / "old" / "images" / "test" / "database"
@@ -250,6 +251,7 @@ def test_make_vg_overwrite_refuses_a_dataset_that_holds_the_photos(tmp_path):
     assert snapshot(first) == before
 
 
+# -------------------------------------------------------------------------------------- interrupted and concurrent runs
 _SLOW_MAKE_VG = """
 import shutil, sys, time
 copyfile = shutil.copyfile
@@ -322,6 +324,7 @@ def test_make_vg_second_run_on_one_name_refuses(inputs, tmp_path, monkeypatch):
     assert (tmp_path / "out2" / "v" / "theirs").is_dir()
 
 
+# --------------------------------------------------------------------- every bad CSV row: file, line, what was expected
 BAD_ROWS = {
     "easting-1e308": ("path,role,easting,northing,zone,band", "a.jpg,database,1e308,5000000,33,T", "easting"),
     "northing-1e308": ("path,role,easting,northing,zone,band", "a.jpg,database,500000,1e308,33,T", "northing"),

@@ -342,6 +342,10 @@ def test_repetition_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixt
     assert list(tmp_path.iterdir()) == []
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Interrupted, concurrent and refused runs
+
+
 def tiny_flags(out: Path, *extra: str) -> list[str]:
     return ["--out", str(out), "--name", "w", "--preset", "tiny", "--database_per_split", "2", "2", "4", *extra]
 
