@@ -86,6 +86,7 @@ def eval_argv(
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `process` has written `path`; fail if it ends first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()
