@@ -1,4 +1,5 @@
-"""Shared fixtures: the device to test on, the original's reference outputs and deterministic weights.
+"""Shared fixtures: the device to test on, the original's reference outputs, deterministic weights, the session's tiny
+synthetic world and the dataset tools' inputs.
 
 `pytest --device cuda` runs the tests that take the `device` fixture on the GPU (the default is cpu); the others
 (datasets, parser, synthetic world, files) always run on the CPU.
@@ -17,8 +18,10 @@ DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
 
 from fill_weights import fill_  # noqa: E402
+from helpers import photo_csv, small_photos  # noqa: E402
 
 import datasets_ws  # noqa: E402
+from tools.synthetic.world import PRESETS, generate_world  # noqa: E402
 
 # The head's linear bias and weight scale used for parity_reference.pt (see tests/data/README.md).
 REFERENCE_LINEAR_BIAS = [8, 8, 376, 8, 8, 376, 376, 376, 20, 4, 370, 15, 2, 380, 366, 372]
@@ -84,3 +87,18 @@ def reference_homography_regression():
 def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> ImageNet-normalised float (B, 3, H, W)."""
     return (images.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The world folder of `synthetic.py --preset tiny` (seed 0: train 16/6, val 8/4, test 16/6 database/queries at
+    96 x 96), generated once for the whole session. Tests must not change it: one that writes into the dataset
+    copies it first."""
+    return generate_world(tmp_path_factory.mktemp("worlds"), "tiny", seed=0, **PRESETS["tiny"])
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """(photos folder, CSV) in tmp_path/data."""
+    photos = small_photos(tmp_path / "data" / "photos", ["a.jpg", "q.jpg"])
+    return photos, photo_csv(tmp_path / "data" / "photos.csv")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from model import HomographyRegression
 from model.checkpoints import save_state_dict
@@ -75,3 +80,73 @@ def eval_argv(
     if checkpoints is not None:
         argv += ["--resume_fe", str(checkpoints / "fe.torch"), "--resume_hr", str(checkpoints / "hr.torch")]
     return [*argv, *extra]
+
+
+# --- processes: runs stopped from outside, leftovers of killed runs
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `process` has written `path`; fail if it ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.05)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+# --- run folders and the dataset tools (make_vg_dataset.py, synthetic.py, demo.py's world)
+
+BAD_EXP_NAMES = ["../escape", "/tmp/absolute", "a/b", "", ".", "..", "a\nb", "a\x00b", "x" * 201]
+MARKER = ".dataset_tool.json"  # the marker of the datasets the tools write (tool_outputs.MARKER)
+MICRO = {  # the smallest world: one street per split, for the tests of the writing behaviour
+    "image_size": (48, 64),
+    "database_per_split": (2, 2, 2),
+    "queries_per_split": (1, 1, 1),
+    "images_per_street": 2,
+    "database_spacing": 5.0,
+}
+
+# made-up photos on a street of Venice, in degrees (1e-4 degrees of latitude is about 11 m)
+LAT, LON = 45.4371, 12.3326
+
+
+def small_photos(folder: Path, names: list[str]) -> Path:
+    """Random 20 x 16 photos `names` in `folder` (created); returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def photo_csv(path: Path, rows: str = "") -> Path:
+    """A make_vg_dataset.py CSV at `path` of a.jpg (database) and q.jpg (query, 2 m north), then `rows`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"path,role,lat,lon\na.jpg,database,{LAT},{LON}\nq.jpg,queries,{LAT + 0.00002},{LON}\n{rows}")
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder`: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_folder(tmp_path: Path) -> Path:
+    """A folder of the user's (no tool marker) in `tmp_path`."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def a_file(tmp_path: Path) -> Path:
+    """A plain file in `tmp_path`."""
+    (tmp_path / "a_file").write_text("keep me")
+    return tmp_path / "a_file"

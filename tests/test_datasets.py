@@ -1,19 +1,23 @@
-"""Tests of datasets_ws on tiny hand-made datasets (12x16 solid-colour images with chosen UTM names)."""
+"""Tests of datasets_ws on tiny hand-made datasets (12x16 solid-colour images with chosen UTM names), on copies of
+the tiny synthetic world made odd (links, FIFOs, EXIF orientation), and the query augmentations on odd images."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import eval_argv
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 import datasets_ws
 import parser
+from datasets_ws import BaseDataset
 
 RED, REDDISH, DARK_RED = (200, 30, 30), (185, 38, 38), (190, 34, 34)
 GREEN, BLUE, BLUISH, GREY = (30, 200, 30), (30, 30, 200), (40, 40, 185), (128, 128, 128)
@@ -442,3 +446,134 @@ def test_hard_resize_is_the_originals_bilinear_resize_without_antialiasing(tmp_p
     std = torch.tensor(datasets_ws.IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(dataset.hard_resized(0), (expected - mean) / std)
     torch.testing.assert_close(dataset[1][0], (expected - mean) / std)  # the query, test_method hard_resize
+
+
+# --------------------------------------------------------------------- odd datasets: copies of the tiny synthetic world
+@pytest.fixture
+def world_copy(tiny_world, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_world, tmp_path / "worlds" / "tiny"))
+
+
+def open_split(world: Path, split: str = "test") -> BaseDataset:
+    """A split of `world` as eval.py opens it."""
+    args = parser.parse_arguments("eval", eval_argv(world))
+    return BaseDataset(str(world.parent), world.name, split, **parser.dataset_options(args))
+
+
+def test_symlink_loops_and_links_back_do_not_duplicate_images(world_copy, caplog):
+    count = len(open_split(world_copy).database_paths)
+    database = world_copy / "images" / "test" / "database"
+    (database / "loop").symlink_to(".")  # a loop: database/loop/loop/...
+    (database / "again").symlink_to(database)  # a link back to the same folder
+    first = sorted(database.glob("*.jpg"))[0]
+    (database / "link.jpg").symlink_to(first)  # a second name for one image
+    dataset = open_split(world_copy)
+    assert dataset.database_num == count
+    assert str(first) in dataset.database_paths  # the plain path is the one kept
+    assert "a symlink loop" in caplog.text and "reached twice (through links) and used once" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_named_like_an_image_is_skipped_and_never_opened(world_copy, caplog):
+    from datasets_ws import open_rgb_image
+
+    queries = world_copy / "images" / "test" / "queries"
+    fifo = queries / "@500000.00@4000000.00@33@T@@@fifo@@@@@@@@.jpg"
+    os.mkfifo(fifo)
+    dataset = open_split(world_copy)
+    assert str(fifo) not in dataset.queries_paths
+    assert f"{fifo} (a FIFO)" in caplog.text
+    with pytest.raises(OSError, match="not a regular file"):
+        open_rgb_image(str(fifo))  # returns at once instead of blocking on open()
+
+
+def test_exif_orientation_turns_photos_upright(world_copy):
+    from PIL import Image
+
+    queries = world_copy / "images" / "test" / "queries"
+    upright_jpg = sorted(queries.glob("*.jpg"))[0]
+    with Image.open(upright_jpg) as image:
+        upright = image.convert("RGB").crop((0, 0, image.width, image.height * 3 // 4))  # not square
+    upright_jpg.unlink()
+    upright.save(upright_jpg.with_suffix(".png"))
+    # a camera held sideways stores the pixels turned, with orientation 6: "rotate 90 degrees clockwise to show"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = queries / upright_jpg.name.replace("@.jpg", "sideways@.png")
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif)
+    dataset = open_split(world_copy)
+    index = dataset.database_num + dataset.queries_paths.index(str(sideways))
+    reference = dataset.database_num + dataset.queries_paths.index(str(upright_jpg.with_suffix(".png")))
+    assert torch.equal(dataset.hard_resized(index), dataset.hard_resized(reference))
+
+
+def test_a_query_that_is_a_database_image_through_a_link_is_refused(world_copy):
+    split = world_copy / "images" / "test"
+    image = sorted((split / "database").glob("*.jpg"))[0]
+    (split / "queries" / image.name).symlink_to(image)
+    with pytest.raises(ValueError, match=f"query {split / 'queries' / image.name} is the same file as database"):
+        open_split(world_copy)
+
+
+def test_a_training_split_linked_into_the_test_split_is_refused(world_copy):
+    test_database = world_copy / "images" / "test" / "database"
+    (test_database / "from_train").symlink_to(world_copy / "images" / "train" / "database")
+    with pytest.raises(ValueError, match=r"the test split .* are the same files as images of the train split"):
+        open_split(world_copy)
+    with pytest.raises(ValueError, match=r"the train split .* the test split"):
+        open_split(world_copy, "train")
+
+
+# ------------------------------------------------------------------------------------ query augmentations on odd images
+SIZE = 64  # the --resize of the augmentation tests
+AUGMENTATION_LIMITS = [
+    {"brightness": 1e38},
+    {"contrast": 1e38},
+    {"saturation": 1e38},
+    {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0},
+    {"hue": 0.5},
+    {"rand_perspective": 0.0},
+    {"rand_perspective": 0.5},
+    {"rand_perspective": 1.0},
+    {"random_resized_crop": 0.0},
+    {"random_resized_crop": 0.999999},
+    {"random_rotation": 180.0},
+]
+ODD_SIZES = [(1, 1), (1, 300), (300, 1), (2, 500), (500, 2), (3, 3), (17, 9)]  # (width, height), all below --resize
+
+
+@pytest.mark.parametrize("flags", AUGMENTATION_LIMITS, ids=lambda flags: ",".join(f"{k}={v}" for k, v in flags.items()))
+def test_query_augmentation_at_its_limits_on_odd_images(flags):
+    """Every augmentation flag at the ends of what the parser accepts, on images 1 pixel wide or high, thin, tiny:
+    a finite (3, H, W) query, draw after draw."""
+    from PIL import Image
+
+    import datasets_ws
+
+    augmentation = datasets_ws.query_augmentation(datasets_ws.QueryAugmentation(**flags), (SIZE, SIZE))
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    for width, height in ODD_SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for _ in range(20):
+            query = augmentation(image)
+            assert query.shape == (3, SIZE, SIZE) and query.isfinite().all(), (width, height)
+
+
+def test_random_perspective_draws_as_torchvision_on_ordinary_images():
+    """The perspective that copes with thin images gives torchvision's result, draw for draw, where torchvision's
+    works (the same random numbers, the same transform)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    import datasets_ws
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        ours = np.asarray(datasets_ws._RandomPerspective(distortion_scale=0.5)(image))
+        torch.manual_seed(seed)
+        theirs = np.asarray(T.RandomPerspective(distortion_scale=0.5)(image))
+        np.testing.assert_array_equal(ours, theirs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import MICRO
 
 import demo
 from tools import outputs as tool_outputs
@@ -75,3 +76,31 @@ def test_main_chains_the_stages(tmp_path, monkeypatch, capsys):
     assert result["eval"]["baseline"]["R@1"] == 30.0
     out = capsys.readouterr().out
     assert "Reusing the synthetic world" in out and "python eval.py" in out and "finetuned  re-ranked" in out
+
+
+def test_demo_does_not_train_on_a_folder_that_is_not_its_world(tmp_path):
+    world = tmp_path / demo.DATASET_NAME / "images" / "test" / "queries"
+    world.mkdir(parents=True)
+    (world / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(SystemExit, match="is not a world that synthetic.py wrote"):
+        demo.ensure_world(tmp_path, seed=0)
+    assert (world / "holiday.jpg").read_bytes() == b"jpeg"
+
+
+def test_demo_does_not_reuse_a_world_of_other_settings(tmp_path, capsys):
+    """E.g. `synthetic.py --name synthetic_demo` with the default sizes: not the world the demo's numbers are for."""
+    synthetic_world.generate_world(tmp_path, demo.DATASET_NAME, seed=0, **MICRO)
+    with pytest.raises(SystemExit, match="was generated with other settings"):
+        demo.ensure_world(tmp_path, seed=0)
+
+
+def test_demo_reuses_its_world_whatever_the_seed(tmp_path, capsys):
+    """The README's seed table: --seed changes the training, not the world."""
+    from tools import outputs as tool_outputs
+
+    world = tmp_path / demo.DATASET_NAME
+    (world / "images").mkdir(parents=True)
+    flags = ["--out", str(tmp_path), "--name", demo.DATASET_NAME, "--seed", "3", *demo.WORLD_FLAGS]
+    tool_outputs.write_marker(world, synthetic_world.TOOL, synthetic_cli.settings_of_flags(flags))
+    assert demo.ensure_world(tmp_path, seed=0) is True
+    assert "of seed 3" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import util
+from evaluation import local_features
 from evaluation.local_features import LocalFeatureStore
 from evaluation.reranking import rerank_predictions
 from evaluation.retrieval import compute_recalls, merge_crop_predictions, recalls_to_str, search
@@ -212,3 +213,17 @@ def test_overlapped_and_in_memory_reranking_equal_the_file_path(tmp_path, batch_
         np.testing.assert_array_equal(scores, reference_scores)
     direct = rerank_scores(head, features[query_indexes], features[predictions[:, :4]], batch_size).double().numpy()
     np.testing.assert_array_equal(np.sort(direct, axis=1)[:, ::-1], reference_scores)
+
+
+def test_a_disk_that_fills_up_while_writing_says_so(tmp_path, monkeypatch):
+    store = LocalFeatureStore(tmp_path / "local_features.f16", 4, (8, 2, 2))
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(local_features.os, "pwrite", full)
+    with pytest.raises(OSError, match=r"writing .*local_features.f16 failed \(No space left on device\).*need"):
+        store.write([0], torch.zeros(1, 8, 2, 2))
+    monkeypatch.undo()
+    store.close()
+    assert not (tmp_path / "local_features.f16").exists()

@@ -3,16 +3,27 @@ finetune.py writes (`model.checkpoints.save_state_dict`: plain state dicts with 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import save_identity_head
 
 import hubconf
 from model import FeaturesExtractor, HomographyRegression
-from model.checkpoints import CheckpointMismatchError, save_state_dict
+from model.checkpoints import (
+    CheckpointMismatchError,
+    NotACheckpointError,
+    load_features_extractor,
+    load_homography_regression,
+    save_state_dict,
+)
+from model.files import save_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -146,3 +157,179 @@ def test_hub_swapped_or_mis_sized_checkpoints(checkpoints):
 def test_hub_without_weights_warns():
     with pytest.warns(UserWarning, match="random weights"):
         hubconf.dhe_vpr(resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+
+
+GRID = SIZE // 16
+
+
+@pytest.fixture(scope="module")
+def api_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("api")
+    torch.manual_seed(0)
+    save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), folder / "features_extractor.torch")
+    save_identity_head(folder / "homography_regression.torch", SIZE)
+    return folder / "features_extractor.torch", folder / "homography_regression.torch"
+
+
+@pytest.fixture(scope="module")
+def model(api_checkpoints) -> hubconf.DHEVPR:
+    return hubconf.dhe_vpr(*api_checkpoints, resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+
+
+@pytest.fixture(scope="module")
+def local_features(model) -> torch.Tensor:
+    """(4, 384, GRID, GRID) local features of four random images."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        return model(torch.randn(4, 3, SIZE, SIZE, generator=generator))[1]
+
+
+def test_hub_api_from_another_project(api_checkpoints, tmp_path):
+    """The README's torch.hub example from another project's folder: load, preprocess, forward and rerank all work
+    once `torch.hub.load` has returned (and taken this repository off sys.path)."""
+    from PIL import Image
+
+    elsewhere = tmp_path / "other_project"
+    elsewhere.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (90, 70), (120, 110, 100)).save(elsewhere / name)
+    script = textwrap.dedent(
+        f"""
+        import sys, warnings
+        import torch
+        model = torch.hub.load({str(REPO)!r}, "dhe_vpr", source="local", resume_fe={str(api_checkpoints[0])!r},
+                               resume_hr={str(api_checkpoints[1])!r}, resize=({SIZE}, {SIZE}), trunc_te={TRUNC_TE})
+        assert {str(REPO)!r} not in sys.path
+        images = torch.stack([model.preprocess(path) for path in ("a.png", "b.png")])
+        with torch.no_grad():
+            global_descriptors, local_features = model(images)
+        order, scores = model.rerank(local_features[0], local_features)
+        print("OK", tuple(images.shape), tuple(global_descriptors.shape), order.tolist(), scores.tolist())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"OK (2, 3, {SIZE}, {SIZE}) (2, 384)" in result.stdout
+
+
+def test_hub_api_beside_a_module_of_the_same_name(api_checkpoints, tmp_path):
+    """Another project with its own `util` module, imported before torch.hub.load: a message that says so, not an
+    ImportError about a name missing from that module (or, worse, its code running in place of ours)."""
+    (tmp_path / "util.py").write_text("def helper():\n    return 1\n")
+    script = f"import torch, util\ntorch.hub.load({str(REPO)!r}, 'dhe_vpr', source='local')\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"a module named 'util' is already imported ({tmp_path / 'util.py'})" in last_line
+    assert "load DHE-VPR in a separate process" in last_line
+
+
+def test_hub_rerank_one_candidate(model, local_features):
+    order, scores = model.rerank(local_features[0], local_features[1:2])
+    assert order.tolist() == [0] and scores.shape == (1,)
+    batched_order, batched_scores = model.rerank(local_features[:2], local_features[2:].unsqueeze(1))
+    assert batched_order.tolist() == [[0], [0]] and batched_scores.shape == (2, 1)
+
+
+def test_hub_rerank_no_candidate_gives_empty_results(model, local_features):
+    order, scores = model.rerank(local_features[0], local_features[:0])
+    assert order.shape == scores.shape == (0,) and order.dtype == torch.int64
+    order, scores = model.rerank(local_features[:2], local_features[:0].unsqueeze(0).expand(2, 0, -1, -1, -1))
+    assert order.shape == scores.shape == (2, 0)
+
+
+def test_hub_rerank_orders_ties_as_eval(model, local_features):
+    """All candidates tied: the given order is kept (eval.py's rule), with a warning; partial ties: the original's
+    `argsort()[::-1]`, exactly as `evaluation.reranking.rerank_predictions` orders them."""
+    same = local_features[1:2].expand(4, -1, -1, -1)
+    with pytest.warns(UserWarning, match="same score"):
+        order, scores = model.rerank(local_features[0], same)
+    assert (scores == scores[0]).all()
+    assert order.tolist() == [0, 1, 2, 3]
+    # the query itself scores GRID * GRID under the identity head: two tied winners, two tied losers
+    mixed = torch.stack([local_features[1], local_features[0], local_features[1], local_features[0]])
+    order, scores = model.rerank(local_features[0], mixed)
+    assert scores[1] == scores[3] == GRID * GRID and scores[0] == scores[2] < GRID * GRID
+    assert order.tolist() == scores.double().numpy().argsort()[::-1].tolist()
+    assert set(order[:2].tolist()) == {1, 3}
+
+
+@pytest.mark.parametrize("which", ["query", "candidates"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_hub_rerank_refuses_non_finite_features(model, local_features, which, value):
+    query, candidates = local_features[0].clone(), local_features[1:].clone()
+    (query if which == "query" else candidates)[..., 0, 0] = value
+    name = "local_q" if which == "query" else "local_candidates"
+    with pytest.raises(ValueError, match=f"{name} holds non-finite values"):
+        model.rerank(query, candidates)
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "message"),
+    [
+        (torch.zeros(1, 3, 2 * SIZE, SIZE), ValueError, r"model's resize \(64, 64\), got \(128, 64\).*preprocess"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), TypeError, "ImageNet-normalised torch.float32 images"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float64), TypeError, "got torch.float64"),
+        (np.zeros((1, 3, SIZE, SIZE), dtype=np.float32), TypeError, "torch.Tensor"),
+    ],
+    ids=["size", "uint8", "float64", "numpy"],
+)
+def test_hub_forward_names_what_is_wrong_with_the_images(model, images, error, message):
+    with pytest.raises(error, match=message):
+        model(images)
+
+
+def test_hub_rerank_names_what_is_wrong_with_the_features(model, local_features):
+    with pytest.raises(TypeError, match="local_q must be a floating-point torch.Tensor"):
+        model.rerank(local_features[0].long(), local_features[1:])
+    with pytest.raises(TypeError, match="local_candidates must be a floating-point torch.Tensor.*ndarray"):
+        model.rerank(local_features[0], local_features[1:].numpy())
+    other_grid = torch.nn.functional.normalize(torch.rand(3, 384, 2 * GRID, GRID), dim=1)
+    with pytest.raises(ValueError, match=r"\(8, 4\) feature grid, but the model was built for resize \(64, 64\)"):
+        model.rerank(other_grid[0], other_grid[1:])
+    for batch_size in (True, 2.5, 0):
+        with pytest.raises(ValueError, match="batch_size must be an integer"):
+            model.rerank(local_features[0], local_features[1:], batch_size=batch_size)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_hub_cuda_map_location_without_cuda(api_checkpoints):
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        hubconf.dhe_vpr(*api_checkpoints, resize=(SIZE, SIZE), trunc_te=TRUNC_TE, map_location="cuda")
+    # the loader itself says the same, not "damaged or truncated"
+    with pytest.raises(NotACheckpointError, match="torch sees no CUDA device") as error:
+        load_homography_regression(HomographyRegression((SIZE, SIZE)), api_checkpoints[1], map_location="cuda")
+    assert "damaged" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["resume_fe", "resume_hr", "pretrained_cct"])
+def test_hub_folder_as_checkpoint(api_checkpoints, name):
+    folder = api_checkpoints[0].parent
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a checkpoint file.*features_extractor\.torch"):
+        hubconf.dhe_vpr(**{name: folder}, resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory) -> Path:
+    """A `last_checkpoint.pth` as training.py writes it: modules' state dicts beside the optimizer and bookkeeping."""
+    path = tmp_path_factory.mktemp("run") / "last_checkpoint.pth"
+    features_extractor = FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+    head = HomographyRegression((SIZE, SIZE))
+    optimizer = torch.optim.Adam(list(features_extractor.parameters()) + list(head.parameters()))
+    modules = {"features_extractor": features_extractor.state_dict(), "homography_regression": head.state_dict()}
+    save_atomically({"format": 1, "epoch": 1, "modules": modules, "optimizer": optimizer.state_dict()}, path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:dhe_vpr. no resume")
+@pytest.mark.parametrize("name", ["resume_fe", "resume_hr"])
+def test_training_checkpoint_where_weights_are_expected(training_checkpoint, name):
+    with pytest.raises(CheckpointMismatchError, match=r"training checkpoint .*best_homography_regression\.torch"):
+        hubconf.dhe_vpr(**{name: training_checkpoint}, resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+    module = FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE)
+    with pytest.raises(CheckpointMismatchError, match="training checkpoint"):
+        load_features_extractor(module, training_checkpoint)

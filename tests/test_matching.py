@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import normalise_uint8, reference_features_extractor, reference_homography_regression
 from helpers import patch_descriptors, seeded, smooth_texture, translation
 
-from model.geometry import points_to_homography
+from model.geometry import points_to_homography, reprojection_distances
 from model.matching import inlier_scores, matched_keypoints, mutual_nearest_neighbours, rei_loss
+from model.ransac import RANSAC_THRESHOLD, find_homography_ransac
 from model.rerank import rerank_scores
 
 # --- mutual nearest neighbours ---------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_parity_with_fp32_features(reference_on_device, dhe_homographies, device
     The REI of the unrelated img3 is left out: its k comes from RANSAC on 8 random matches, which gives 0 or 5
     inliers by the luck of the draw (OpenCV 4.14 gives 0 on these matches, the reference 1). The reference's k were
     counted after the refit (OpenCV 4.x), so the REI is compared with `inliers="refined"`; the default, the best
-    minimal model's inliers (OpenCV 3.4.x), is tested in tests/test_hostile_dist.py.
+    minimal model's inliers (OpenCV 3.4.x), is tested below.
     """
     reference = reference_on_device
     with torch.inference_mode():
@@ -279,3 +280,37 @@ def test_constructed_case_ranks_the_warped_copies_first(device):
     losses = rei_loss(query_features, candidates, H)
     assert losses[:2].max() < 8.0 < losses[2:].min()  # within half a patch for the copies only
     assert math.isfinite(losses.sum().item())
+
+
+def test_c_rei_counts_the_best_minimal_models_inliers_by_default(reference):
+    """k is the inlier count of the best minimal model (OpenCV 3.4.x's mask, the original's), not the recount
+    under the refitted model (OpenCV 4.11+), which stays available as inliers="refined"."""
+    features = reference["local_features_fp16"].float()
+    query, warped, H = features[:1], features[2:3], reference["H_base_to_img1_img2"][1:2]
+    query_points, cand_points, valid = matched_keypoints(query, warped, None, torch.float32)
+    src = query_points.expand_as(cand_points)
+    minimal_H, minimal_inliers, _ = find_homography_ransac(src, cand_points, valid, refine=False)
+    k = int(minimal_inliers.sum())
+    errors = reprojection_distances(minimal_H, src, cand_points)
+    assert int((valid & (errors**2 <= RANSAC_THRESHOLD**2)).sum()) == k  # the minimal model's own inliers
+    _, refined_inliers, _ = find_homography_ransac(src, cand_points, valid, refine=True)
+    assert int(refined_inliers.sum()) != k  # the two countings differ on this pair: the test can tell them apart
+    distances = reprojection_distances(H, query_points, cand_points)[valid].sort().values
+    for kind, count in (("minimal", k), ("refined", int(refined_inliers.sum()))):
+        expected = distances[:count].mean().reshape(1)
+        torch.testing.assert_close(rei_loss(query, warped, H, inliers=kind), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rei_loss(query, warped, H), rei_loss(query, warped, H, inliers="minimal"))
+    with pytest.raises(ValueError, match="inliers 'opencv': expected one of minimal, refined"):
+        rei_loss(query, warped, H, inliers="opencv")
+
+
+def test_c_a_minimal_count_is_never_one_to_three(reference):
+    """The reference's unrelated pair (8 random matches) has k = 1 after the refit in the reference; a best minimal
+    model has 4 inliers or more (or none is found)."""
+    features = reference["local_features_fp16"].float()
+    query_points, cand_points, valid = matched_keypoints(features[:1], features[3:4], None, torch.float32)
+    for seed in range(8):
+        _, inliers, found = find_homography_ransac(
+            query_points.expand_as(cand_points), cand_points, valid, refine=False, seed=seed
+        )
+        assert int(inliers.sum()) >= 4 if bool(found) else int(inliers.sum()) == 0

@@ -8,6 +8,7 @@ inlier counts differ between candidates, tie often, and reorder the global predi
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import eval_argv
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -26,7 +28,6 @@ from deploy import onnx_export, rerank_numpy  # noqa: E402
 from model import FeaturesExtractor, HomographyRegression, compute_similarity  # noqa: E402
 from model.checkpoints import load_features_extractor, load_homography_regression, save_state_dict  # noqa: E402
 from model.rerank import score_pairs  # noqa: E402
-from tools.synthetic import world as synthetic_world  # noqa: E402
 
 SIZE = 64
 TRUNC_TE = 2
@@ -36,10 +37,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny synthetic world with seeded checkpoints fe.torch and hr.torch beside it."""
+def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny synthetic world with seeded checkpoints fe.torch and hr.torch beside it."""
     root = tmp_path_factory.mktemp("onnx_world")
-    synthetic_world.generate_world(root, "tiny", seed=0, **synthetic_world.PRESETS["tiny"])
+    shutil.copytree(tiny_world, root / "tiny")
     torch.manual_seed(0)
     save_state_dict(FeaturesExtractor(resize=(SIZE, SIZE), trunc_te=TRUNC_TE), root / "fe.torch")
     head = HomographyRegression(resize=(SIZE, SIZE))
@@ -139,12 +140,8 @@ def read_predictions(path: Path) -> list[dict]:
 
 def test_onnx_reranking_equals_eval(world, sessions, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    eval_script.cli(
-        [
-            *model_flags(world), "--datasets_folder", str(world), "--dataset_name", "tiny",
-            "--device", "cpu", "--num_workers", "0", "--save_predictions", "--exp_name", "onnx",
-        ]
-    )  # fmt: skip
+    extra = ["--recall_values", "1", "5", "10", "20", "--save_predictions", "--exp_name", "onnx"]
+    eval_script.cli(eval_argv(world / "tiny", *extra, resize=SIZE, trunc_te=TRUNC_TE, checkpoints=world))
     (predictions_csv,) = tmp_path.glob("logs/onnx/*/predictions.csv")
     queries = read_predictions(predictions_csv)
     reordered = 0

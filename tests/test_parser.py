@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from helpers import BAD_EXP_NAMES
 
 import parser
 
@@ -109,3 +112,69 @@ def test_settings_from_flags():
     assert parser.dataset_options(args) == {"resize": (48, 64), "positive_dist_threshold": 25}
     finetune = parser.parse_arguments("finetune", ["--datasets_folder", "d", "--hue", "0.1", "--seed", "3"])
     assert parser.mining_settings(finetune).seed == 3 and parser.query_augmentation(finetune).hue == 0.1
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("eval", ["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+        ("eval", ["--seed", str(2**32)], "--seed 4294967296: must be between 0 and 4294967295"),
+        ("eval", ["--majority_weight", "nan"], "--majority_weight nan: must be a finite number"),
+        ("eval", ["--majority_weight", "-0.5"], "--majority_weight -0.5: must be in [0, inf)"),
+        ("eval", ["--hue", "0.7"], "--hue 0.7: must be in [0, 0.5]"),
+        ("eval", ["--random_resized_crop", "1"], "--random_resized_crop 1.0: must be in [0, 1)"),
+        ("eval", ["--val_positive_dist_threshold", str(10**20)], "must be at most 2147483647"),
+        ("finetune", ["--lr", "inf"], "--lr inf: must be a finite number"),
+        ("finetune", ["--lr", "0"], "--lr 0.0: must be in (0, inf)"),
+        ("finetune", ["--margin", "-1"], "--margin -1.0: must be in [0, inf)"),
+        ("finetune", ["--patience", "0"], "--patience 0: must be a positive integer"),
+        ("train_dhe", ["--qp_threshold", "-0.1"], "--qp_threshold -0.1: must be in (0, inf)"),
+        ("train_dhe", ["--qp_threshold", "nan"], "--qp_threshold nan: must be a finite number"),
+        ("eval", ["--local_features_dir", "/nonexistent/scratch"], "/nonexistent/scratch: not an existing folder"),
+    ],
+)
+def test_numeric_flags_are_range_checked(script, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_arguments(script, ["--datasets_folder", "d", *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [("eval", "--exp_name"), ("finetune", "--exp_name"), ("finetune", "--save_dir"), ("train_dhe", "--exp_name")],
+)
+@pytest.mark.parametrize("name", BAD_EXP_NAMES)
+def test_exp_name_cannot_leave_logs(script, flag, name, tmp_path, capsys):
+    import parser as flags
+
+    with pytest.raises(SystemExit):
+        flags.parse_arguments(script, ["--datasets_folder", str(tmp_path), flag, name])
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith(f"{script}.py: error: --exp_name {name!r}")
+
+
+def test_local_features_dir_not_writable(tmp_path, monkeypatch, capsys):
+    import os
+
+    import parser as flags
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with pytest.raises(SystemExit):
+        flags.parse_arguments("eval", ["--datasets_folder", str(tmp_path), "--local_features_dir", str(folder)])
+    assert f"--local_features_dir {folder}: not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--brightness", "--contrast", "--saturation"])
+def test_colour_jitter_beyond_float32_refused(flag, tmp_path, capsys):
+    """ColorJitter draws its factor in float32: a larger value crashed the first training batch; the parser
+    refuses it now, and its largest accepted value works."""
+    import parser as flags
+
+    with pytest.raises(SystemExit):
+        flags.parse_arguments("finetune", ["--datasets_folder", str(tmp_path), flag, "1e39"])
+    assert f"{flag} 1e+39: must be in [0, 1e+38]" in capsys.readouterr().err
+    args = flags.parse_arguments("finetune", ["--datasets_folder", str(tmp_path), flag, "1e38"])
+    assert getattr(args, flag[2:]) == 1e38

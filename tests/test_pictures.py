@@ -24,7 +24,6 @@ import eval as eval_script
 from evaluation import pictures
 from model import FeaturesExtractor, HomographyRegression
 from model.checkpoints import save_state_dict
-from tools.synthetic import world as synthetic_world
 
 SIZE = 96  # the tiny world's images; a 6 x 6 grid of local features
 GRID = SIZE // 16
@@ -32,9 +31,10 @@ NUM_PREDS = 3
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+def world(tiny_world, tmp_path_factory) -> Path:
+    """A copy of the tiny world with one more query, an exact copy of a database image, and checkpoints beside it."""
     root = tmp_path_factory.mktemp("pictures")
-    synthetic_world.generate_world(root, "tiny", **synthetic_world.PRESETS["tiny"])
+    shutil.copytree(tiny_world, root / "tiny")
     split = root / "tiny" / "images" / "test"
     source = sorted((split / "database").glob("*.jpg"))[5]
     fields = source.name.split("@")

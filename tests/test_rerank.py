@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from model.dhe import init_spread_corners_
 from model.geometry import points_to_homography, reprojection_distances
 from model.matching import inlier_scores, matched_keypoints
 from model.precision import amp_dtype
-from model.rerank import predict_homographies, rerank_scores
+from model.rerank import predict_homographies, rerank_order, rerank_scores
 
 
 def test_rerank_scores_batches_queries_and_chunks(device):
@@ -84,3 +85,10 @@ def test_predict_homographies_is_the_hand_written_chain_bit_for_bit(autocast):
     assert torch.equal(H, H_expected)
     for gradient, expected in zip(gradients, gradients_expected, strict=True):
         assert torch.equal(gradient, expected)
+
+
+def test_nan_scores_are_reported_not_ranked():
+    with pytest.raises(ValueError, match="re-ranking scores are not finite"):
+        rerank_order(np.array([[3.0, np.nan, 1.0]]))
+    order, tied = rerank_order(np.array([[1.0, 5.0, 1.0], [2.0, 2.0, 2.0]]))
+    assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and tied.tolist() == [False, True]  # ties as the original

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,26 +13,16 @@ import kornia
 import numpy as np
 import pytest
 import torch
+from helpers import MARKER, MICRO, a_file, dead_pid, snapshot, user_folder, wait_for
 from PIL import Image
 
-from tools import geodesy
+from tools import geodesy, make_vg_dataset
 from tools.synthetic import cli as synthetic_cli
 from tools.synthetic import scene, textures
 from tools.synthetic import world as synthetic_world
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = synthetic_world.PRESETS["tiny"]
-MICRO = {  # the smallest world: one street per split, for the tests of the writing behaviour
-    "image_size": (48, 64),
-    "database_per_split": (2, 2, 2),
-    "queries_per_split": (1, 1, 1),
-    "images_per_street": 2,
-    "database_spacing": 5.0,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_world.generate_world(tmp_path_factory.mktemp("worlds"), "tiny", seed=0, **TINY)
 
 
 def _images(world: Path, split: str, kind: str) -> list[Path]:
@@ -349,3 +340,160 @@ def test_repetition_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(ValueError, match="shared_fraction"):
         synthetic_world.generate_world(tmp_path, "world", shared_fraction=-0.1, **MICRO)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Interrupted, concurrent and refused runs
+
+
+def tiny_flags(out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--name", "w", "--preset", "tiny", "--database_per_split", "2", "2", "4", *extra]
+
+
+def test_synthetic_output_inside_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit):
+            synthetic_cli.main(tiny_flags(out))
+        assert "a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sheet", ["sheet.xyz", "sheet.jpg", "sheet"])
+def test_synthetic_contact_sheet_that_cannot_be_written_is_refused_before_generating(tmp_path, capsys, sheet):
+    with pytest.raises(SystemExit):
+        synthetic_cli.main(tiny_flags(tmp_path / "out", "--contact_sheet", str(tmp_path / sheet)))
+    assert f"contact sheet {tmp_path / sheet}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+_SLOW_SYNTHETIC = """
+import sys, time
+sys.path.insert(0, {root!r})
+from interrupts import Interrupted
+from tools.synthetic import cli, world
+generate_split = world._generate_split
+def slow(split_dir, *args):
+    result = generate_split(split_dir, *args)
+    open({marker!r}, "w").close()
+    time.sleep(60)
+    return result
+world._generate_split = slow
+try:
+    cli.main({argv!r})
+except Interrupted as interrupted:
+    sys.exit(128 + interrupted.signum)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_synthetic_interrupted_by_sigterm_or_sighup_leaves_no_partial_folder(tmp_path, signum):
+    marker = tmp_path / "started"
+    script = _SLOW_SYNTHETIC.format(root=str(ROOT), marker=str(marker), argv=tiny_flags(tmp_path / "out"))
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    wait_for(marker, process)
+    assert any(p.name.startswith(".w.partial-") for p in (tmp_path / "out").iterdir())
+    process.send_signal(signum)
+    process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_synthetic_removes_the_partial_folder_of_a_killed_run(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "out" / f".w.partial-{dead.pid}"
+    (stale / "images").mkdir(parents=True)
+    world = synthetic_cli.main(tiny_flags(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [world.name]
+    assert f"Removing {stale}, left behind by an interrupted run" in caplog.text
+
+
+def test_synthetic_second_run_on_one_name_refuses(tmp_path, monkeypatch):
+    # a run that is still writing: its temporary folder names a live process
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / "out" / f".w.partial-{running.pid}"
+        busy.mkdir(parents=True)
+        with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
+            synthetic_world.generate_world(tmp_path / "out", "w", **synthetic_world.PRESETS["tiny"])
+        assert busy.exists()  # the other run's folder is left alone
+    finally:
+        running.kill()
+        running.wait()
+    # a run that finished while this one was writing: the end refuses rather than replacing its world
+    generate_split = synthetic_world._generate_split
+
+    def meanwhile(split_dir, *args):
+        (tmp_path / "out2" / "w" / "theirs").mkdir(parents=True, exist_ok=True)
+        return generate_split(split_dir, *args)
+
+    monkeypatch.setattr(synthetic_world, "_generate_split", meanwhile)
+    with pytest.raises(FileExistsError, match="was written by another run meanwhile"):
+        synthetic_world.generate_world(tmp_path / "out2", "w", **synthetic_world.PRESETS["tiny"])
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["w"]
+    assert [p.name for p in (tmp_path / "out2" / "w").iterdir()] == ["theirs"]
+
+
+@pytest.mark.parametrize("target", [user_folder, a_file, "vg"], ids=["user-folder", "file", "vg-dataset"])
+def test_synthetic_overwrite_refuses_what_it_did_not_write(inputs, tmp_path, target):
+    if target == "vg":
+        folder = make_vg_dataset.make_vg_dataset(*inputs, tmp_path, "vg")
+    else:
+        folder = target(tmp_path)
+    before = snapshot(folder) if folder.is_dir() else folder.read_bytes()
+    with pytest.raises(FileExistsError, match="is not replaced by --overwrite"):
+        synthetic_world.generate_world(folder.parent, folder.name, overwrite=True, **MICRO)
+    assert (snapshot(folder) if folder.is_dir() else folder.read_bytes()) == before
+    assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_synthetic_command_line_says_what_is_there(tmp_path, capsys):
+    user_folder(tmp_path)
+    with pytest.raises(SystemExit):
+        synthetic_cli.main(["--out", str(tmp_path), "--name", "mine", "--overwrite", "--preset", "tiny"])
+    assert f"has no {MARKER}" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_leftovers_of_other_names_are_left_alone(tmp_path):
+    """A name with glob characters ("w*") matched the temporary folders of every name starting with w."""
+    other = tmp_path / f".wx.partial-{dead_pid()}"
+    (other / "images").mkdir(parents=True)
+    synthetic_world.generate_world(tmp_path, "w*", **MICRO)
+    assert other.is_dir()
+
+
+def test_a_running_run_is_not_raced_even_with_overwrite(tmp_path):
+    synthetic_world.generate_world(tmp_path, "w", **MICRO)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".w.partial-{running.pid}").mkdir()
+        with pytest.raises(FileExistsError, match=f"another run \\(process {running.pid}\\) is writing"):
+            synthetic_world.generate_world(tmp_path, "w", overwrite=True, **MICRO)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_overwrite_refuses_a_symbolic_link(inputs, tmp_path):
+    world = synthetic_world.generate_world(tmp_path / "worlds", "w", **MICRO)
+    (tmp_path / "link").symlink_to(world)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        synthetic_world.generate_world(tmp_path, "link", overwrite=True, **MICRO)
+    assert (tmp_path / "link").is_symlink() and (world / MARKER).is_file()
+
+
+def test_synthetic_command_line_refuses_a_world_written_meanwhile_in_one_line(tmp_path, monkeypatch):
+    generate_split = synthetic_world._generate_split
+
+    def meanwhile(split_dir, *args):
+        (tmp_path / "w" / "theirs").mkdir(parents=True, exist_ok=True)
+        return generate_split(split_dir, *args)
+
+    monkeypatch.setattr(synthetic_world, "_generate_split", meanwhile)
+    sizes = ["--image_size", "48", "64", "--database_per_split", "2", "2", "2", "--queries_per_split", "1", "1", "1"]
+    with pytest.raises(SystemExit) as stop:
+        synthetic_cli.main(["--out", str(tmp_path), "--name", "w", *sizes, "--images_per_street", "2"])
+    assert isinstance(stop.value.code, str) and "was written by another run meanwhile" in stop.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and (tmp_path / "w" / "theirs").is_dir()
