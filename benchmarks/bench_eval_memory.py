@@ -13,6 +13,7 @@ budget at most, whatever the database size.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import resource, runpy, sys
 sys.argv = ["eval.py", *sys.argv[1:]]
-sys.path.insert(0, {root!r})
 runpy.run_path({script!r}, run_name="__main__")  # eval.py as a script, in this process
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -39,8 +39,9 @@ def peak_rss_kb(
         argv += ["--local_features_in_memory_mb", str(in_memory_mb)]
     argv += ["--device", "cpu", "--num_workers", "0", "--num_reranked_preds", str(num_reranked), "--exp_name", "mem"]
     completed = subprocess.run(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT), script=str(ROOT / "eval.py")), *argv],
+        [sys.executable, "-c", CHILD.format(script=str(ROOT / "eval.py")), *argv],
         cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the project's modules, for eval.py run from workdir
         capture_output=True,
         text=True,
         check=True,
