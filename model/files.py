@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["replaced_atomically", "remove_stale_temporaries", "save_atomically"]
+__all__ = ["process_is_alive", "replaced_atomically", "remove_stale_temporaries", "save_atomically"]
 
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .<name>.<pid>.<random>.tmp
 
 
-def _process_is_alive(pid: int) -> bool:
+def process_is_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts), on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -39,7 +40,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
             match = _TEMPORARY.match(entry.name)
-            if match and int(match.group(1)) != os.getpid() and not _process_is_alive(int(match.group(1))):
+            if match and int(match.group(1)) != os.getpid() and not process_is_alive(int(match.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
                     removed.append(entry)

@@ -21,6 +21,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from model.files import process_is_alive
+
 MARKER = ".dataset_tool.json"
 _LISTED_EXTRAS = 3  # foreign files named in a refusal
 
@@ -109,16 +111,6 @@ def check_destination(final: Path, tool: str, overwrite: bool, protected: Sequen
         raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def staging_folder(out_dir: Path, name: str) -> Path:
     """This run's temporary folder for ``out_dir / name``."""
     return Path(out_dir) / f".{name}.partial-{os.getpid()}"
@@ -136,7 +128,7 @@ def handle_leftovers(out_dir: Path, name: str, overwrite: bool) -> None:
         if not pid_text.isdigit():
             continue  # not a name this module writes: leave it alone
         pid = int(pid_text)
-        if pid != os.getpid() and _process_alive(pid):
+        if pid != os.getpid() and process_is_alive(pid):
             if ".old-" in leftover.name:
                 continue  # that run is swapping its dataset in
             raise FileExistsError(  # even with --overwrite: both runs would report a dataset, one of them deleted
