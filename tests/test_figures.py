@@ -14,7 +14,6 @@ from PIL import Image
 
 import eval as eval_script
 from evaluation import figures
-from tools.synthetic.world import generate_world
 from training import records
 
 ROWS = [
@@ -73,21 +72,13 @@ def test_recalls_figure_series():
     assert list(series(figures.recalls_figure((1, 5), baseline[:2], None).axes[0])) == [figures.BASELINE_LABEL]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("figures")
-    sizes = {"database_per_split": (8, 8, 12), "queries_per_split": (2, 2, 6), "images_per_street": 6}
-    generate_world(root, "tiny", image_size=(96, 96), **sizes)
-    return root
-
-
-def test_eval_writes_recalls_png(world, tmp_path, monkeypatch):
+def test_eval_writes_recalls_png(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = eval_script.cli(eval_argv(world / "tiny", "--num_reranked_preds", "4", "--exp_name", "curves"))
+    result = eval_script.cli(eval_argv(tiny_world, "--num_reranked_preds", "4", "--exp_name", "curves"))
     path = result["output_folder"] / figures.RECALLS_PNG
     assert is_matplotlib_png(path)
 
-    unlabelled = eval_script.cli(eval_argv(world / "tiny", "--num_reranked_preds", "4", "--no_labels"))
+    unlabelled = eval_script.cli(eval_argv(tiny_world, "--num_reranked_preds", "4", "--no_labels"))
     assert not (unlabelled["output_folder"] / figures.RECALLS_PNG).exists()
     info = (unlabelled["output_folder"] / "info.log").read_text()
     assert f"No labels (--no_labels): no recalls to draw, {figures.RECALLS_PNG} not written" in info

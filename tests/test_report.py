@@ -7,12 +7,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pytest
 from helpers import eval_argv
 
 import eval as eval_script
 from evaluation import report
-from tools.synthetic.world import generate_world
 
 
 class Page(HTMLParser):
@@ -76,17 +74,9 @@ def test_report_order_without_labels():
     assert report.report_order([None, False, True, None]) == [1, 2, 0, 3]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("report")
-    sizes = {"database_per_split": (8, 8, 12), "queries_per_split": (2, 2, 6), "images_per_street": 6}
-    generate_world(root, "tiny", image_size=(96, 96), **sizes)
-    return root
-
-
-def test_eval_writes_index_html(world, tmp_path, monkeypatch):
+def test_eval_writes_index_html(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = eval_argv(world / "tiny", "--num_reranked_preds", "4", "--num_preds_to_save", "2", "--exp_name", "page")
+    argv = eval_argv(tiny_world, "--num_reranked_preds", "4", "--num_preds_to_save", "2", "--exp_name", "page")
     result = eval_script.cli(argv)
     folder = result["output_folder"] / "preds"
     page = read_page(folder / "index.html")
