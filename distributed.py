@@ -30,6 +30,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "gather_objects",
+    "gather_to_main",
     "all_reduce_sum",
     "weights_digest",
     "share_weights",
@@ -105,6 +106,15 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks (which keep no copy of the others')."""
+    if not is_enabled():
+        return [obj]
+    gathered: list[Any] | None = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
     return gathered
 
 

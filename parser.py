@@ -21,6 +21,7 @@ import torch
 
 from commons import ModelConfig, check_exp_name
 from datasets_ws import InferenceSettings, MiningSettings, QueryAugmentation
+from evaluation.index import IndexSettings
 from evaluation.pipeline import EvalSettings
 from model.features_extractor import PATCH_SIZE
 from model.precision import COMPILE_MODES
@@ -206,6 +207,16 @@ def _add_test_flags(parser: argparse.ArgumentParser) -> None:
         "automatic, half of the free GPU memory on CUDA, 0 on CPU (the page cache keeps the file in RAM).",
     )
     group.add_argument(
+        "--local_features",
+        type=str,
+        default="auto",
+        choices=("auto", "all", "candidates"),
+        help="Which images' local features are extracted for re-ranking: all (in the database and query pass), "
+        "candidates (a second pass over the queries and their top --num_reranked_preds candidates only; the same "
+        "results), auto: candidates when the database holds more images than queries x --num_reranked_preds, under "
+        "torchrun, or with --database_descriptors; else all.",
+    )
+    group.add_argument(
         "--save_predictions",
         action="store_true",
         help="Write every query's top predictions before and after re-ranking, with scores, to the run folder.",
@@ -230,6 +241,12 @@ def _check_test_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         )
     if any(n <= 0 for n in args.recall_values):
         parser.error(f"--recall_values {args.recall_values}: every value must be a positive integer")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if args.local_features == "all" and world_size > 1:
+        parser.error(
+            f"--local_features all keeps every image's local features in one process, but torchrun started "
+            f"{world_size}: use --local_features candidates (or auto)"
+        )
     local_features_dir = args.local_features_dir
     if local_features_dir is not None and not os.path.isdir(local_features_dir):
         parser.error(f"--local_features_dir {local_features_dir}: not an existing folder")
@@ -260,6 +277,60 @@ def _add_eval_output_flags(parser: argparse.ArgumentParser) -> None:
         help="The images' file names carry no position (any name is accepted): no recalls are computed, and the "
         "predictions are saved to predictions.csv (and pictures with --num_preds_to_save).",
     )
+
+
+def _add_database_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("large databases")
+    group.add_argument(
+        "--faiss_index",
+        type=str,
+        default="Flat",
+        metavar="FACTORY",
+        help="The faiss index of the global search, as a faiss index_factory string: Flat (exact, the original's), "
+        "or approximate ones for large databases, e.g. IVF4096,Flat, HNSW32, IVF65536_HNSW32,PQ48.",
+    )
+    group.add_argument(
+        "--faiss_train_size",
+        type=int,
+        default=262144,
+        help="Database descriptors (a seeded sample) an index that needs training is trained on.",
+    )
+    group.add_argument(
+        "--faiss_nprobe",
+        type=int,
+        default=None,
+        help="IVF indexes: lists searched per query (more: slower and closer to exact). Default: faiss's (1).",
+    )
+    group.add_argument(
+        "--faiss_ef_search",
+        type=int,
+        default=None,
+        help="HNSW indexes: the search's queue length (more: slower and closer to exact). Default: faiss's (16).",
+    )
+    group.add_argument(
+        "--save_database_descriptors",
+        action="store_true",
+        help="Save the database's global descriptors to the run folder (database_descriptors.npy and .json), for "
+        "--database_descriptors.",
+    )
+    group.add_argument(
+        "--database_descriptors",
+        type=str,
+        default=None,
+        metavar="PATH",
+        help="Use the database descriptors saved by --save_database_descriptors (the .npy, or its run folder) "
+        "instead of extracting them; refused when made from other images, another --resize or another checkpoint.",
+    )
+
+
+def _check_database_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_positive(args, parser, ("faiss_train_size",))
+    for name in ("faiss_nprobe", "faiss_ef_search"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} {value}: must be a positive integer")
+    if args.save_database_descriptors and args.database_descriptors is not None:
+        parser.error("--save_database_descriptors with --database_descriptors: the descriptors are already saved")
 
 
 def _check_eval_output_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -494,6 +565,7 @@ MODEL = FlagGroup(_add_model_flags, _check_model_flags)
 RUN = FlagGroup(_add_run_flags, _check_run_flags)
 TEST = FlagGroup(_add_test_flags, _check_test_flags)
 EVAL_OUTPUTS = FlagGroup(_add_eval_output_flags, _check_eval_output_flags)
+DATABASE = FlagGroup(_add_database_flags, _check_database_flags)
 AUGMENTATION = FlagGroup(_add_augmentation_flags, _check_augmentation_flags)
 FINETUNE = FlagGroup(_add_finetune_flags, _check_finetune_flags)
 TRAIN_DHE = FlagGroup(_add_train_dhe_flags, _check_train_dhe_flags)
@@ -502,7 +574,7 @@ TRAINING = FlagGroup(_add_training_flags)
 # The groups of each script, in the order of its --help. eval.py keeps the augmentation flags of the original's
 # parser (accepted, unused) so that its command lines keep working.
 SCRIPT_GROUPS = {
-    "eval": (MODEL, RUN, TEST, EVAL_OUTPUTS, AUGMENTATION),
+    "eval": (MODEL, RUN, TEST, EVAL_OUTPUTS, DATABASE, AUGMENTATION),
     "finetune": (MODEL, RUN, TEST, AUGMENTATION, FINETUNE, TRAINING),
     "train_dhe": (MODEL, RUN, TEST, TRAIN_DHE, TRAINING),
 }
@@ -585,7 +657,8 @@ def model_config(args: argparse.Namespace, resume_train: str | None = None) -> M
 
 def eval_settings(args: argparse.Namespace, outputs: bool = False) -> EvalSettings:
     """The evaluation's flags (run and test groups); with `outputs` (eval.py) also its pictures and --no_labels,
-    which the training scripts' validation and test runs do without."""
+    which the training scripts' validation and test runs do without, and its large-database flags (faiss index,
+    saved descriptors)."""
     settings = EvalSettings(
         recall_values=tuple(args.recall_values),
         test_method=args.test_method,
@@ -596,6 +669,7 @@ def eval_settings(args: argparse.Namespace, outputs: bool = False) -> EvalSettin
         num_workers=args.num_workers,
         amp=args.amp,
         compile_head=args.compile_head,
+        local_features=args.local_features,
         local_features_in_memory_mb=args.local_features_in_memory_mb,
         local_features_dir=args.local_features_dir,
         exp_name=args.exp_name,
@@ -609,6 +683,15 @@ def eval_settings(args: argparse.Namespace, outputs: bool = False) -> EvalSettin
         no_labels=args.no_labels,
         num_preds_to_save=args.num_preds_to_save,
         save_only_wrong_preds=args.save_only_wrong_preds,
+        index=IndexSettings(
+            factory=args.faiss_index,
+            train_size=args.faiss_train_size,
+            nprobe=args.faiss_nprobe,
+            ef_search=args.faiss_ef_search,
+            seed=args.seed,
+        ),
+        database_descriptors=args.database_descriptors,
+        save_database_descriptors=args.save_database_descriptors,
     )
 
 

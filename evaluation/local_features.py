@@ -48,6 +48,9 @@ class LocalFeatureStore:
         feature_shape: (C, h, w) of one record.
         memory_budget_bytes: at most this many bytes of records are kept in memory (0: all in the file).
         memory_device: where the in-memory records live.
+        indexes: the image indexes (num_records,) the records belong to, increasing (re-ranking's candidates and
+            queries, `--local_features candidates`); None: the indexes 0 .. num_records - 1 (every image). Reads
+            and writes take image indexes either way.
     """
 
     def __init__(
@@ -57,9 +60,13 @@ class LocalFeatureStore:
         feature_shape: tuple[int, int, int],
         memory_budget_bytes: int = 0,
         memory_device: torch.device | str = "cpu",
+        indexes: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if memory_budget_bytes < 0:
             raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
+        self.indexes = None if indexes is None else np.asarray(indexes, dtype=np.int64).reshape(-1)
+        if self.indexes is not None and (len(self.indexes) != num_records or (np.diff(self.indexes) <= 0).any()):
+            raise ValueError(f"indexes must be {num_records} increasing image indexes, got {len(self.indexes)}")
         self.path = Path(path)
         self.num_records = num_records
         self.feature_shape = tuple(feature_shape)
@@ -112,9 +119,7 @@ class LocalFeatureStore:
                 f"expected ({len(indexes)}, {', '.join(map(str, self.feature_shape))}) features, "
                 f"got {tuple(features.shape)}"
             )
-        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
-        for index in indexes:
-            self._check_index(int(index))
+        indexes = self.slots(indexes)
         features = features.detach()
         in_memory = indexes < self.num_in_memory
         if in_memory.any():
@@ -143,10 +148,7 @@ class LocalFeatureStore:
         """The records of `indexes` that are in the file, in their order: (F, C, h, w) float16 on the host, in
         pinned memory with `pin_memory` (for non-blocking copies to a GPU). The first half of `read`; it does not
         touch the in-memory records, so that a reader thread can run it while the model runs."""
-        indexes = [int(index) for index in indexes]
-        for index in indexes:
-            self._check_index(index)
-        in_file = [index for index in indexes if index >= self.num_in_memory]
+        in_file = [int(index) for index in self.slots(indexes) if index >= self.num_in_memory]
         out = torch.empty((len(in_file), *self.feature_shape), dtype=torch.float16, pin_memory=pin_memory)
         buffer = out.view(torch.uint8).numpy().reshape(len(in_file), self.record_bytes)
         for slot, index in enumerate(in_file):
@@ -157,7 +159,7 @@ class LocalFeatureStore:
     def assemble(self, indexes: Sequence[int], file_part: Tensor, device: torch.device) -> Tensor:
         """Features (B, C, h, w) float16 of `indexes` (B,) on `device`, from the in-memory records and `file_part`
         (from `read_file_part` of the same indexes), copied without blocking where the source is pinned."""
-        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        indexes = self.slots(indexes)
         in_memory = indexes < self.num_in_memory
         file_part = file_part.to(device, non_blocking=True)
         if not in_memory.any():
@@ -173,9 +175,28 @@ class LocalFeatureStore:
     def _offset(self, index: int) -> int:
         return (index - self.num_in_memory) * self.record_bytes
 
-    def _check_index(self, index: int) -> None:
-        if not 0 <= index < self.num_records:
-            raise IndexError(f"record {index} out of range for a store of {self.num_records}")
+    def slots(self, indexes: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The record positions (B,) int64 of image `indexes` (B,); IndexError for an image the store lacks."""
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        if self.indexes is None:
+            outside = (indexes < 0) | (indexes >= self.num_records)
+            if outside.any():
+                raise IndexError(f"record {indexes[outside][0]} out of range for a store of {self.num_records}")
+            return indexes
+        if self.num_records == 0 and len(indexes):
+            raise IndexError(f"image {indexes[0]} has no record in this empty store")
+        slots = np.searchsorted(self.indexes, indexes)
+        missing = (slots >= self.num_records) | (self.indexes[np.minimum(slots, self.num_records - 1)] != indexes)
+        if missing.any():
+            raise IndexError(f"image {indexes[missing][0]} has no record in this store of {self.num_records} images")
+        return slots
+
+    def __contains__(self, index: int) -> bool:
+        try:
+            self.slots([index])
+        except IndexError:
+            return False
+        return True
 
     def close(self, delete: bool = True) -> None:
         """Close the file, and delete it unless `delete=False`; free the in-memory records."""

@@ -184,7 +184,7 @@ def test_eval_with_local_features_in_memory_gives_the_same_ranking(handmade_worl
     np.testing.assert_array_equal(in_memory["rerank_scores"], default["rerank_scores"])
     info = (in_memory["output_folder"] / "info.log").read_text()
     store = in_memory["output_folder"] / "local_features.f16"
-    assert f"Local features: 0.3 MB in cpu memory, 0.0 MB in {store}; re-ranking 5 pairs per pass" in info
+    assert f"Local features: 7 images, 0.3 MB in cpu memory, 0.0 MB in {store}; re-ranking 5 pairs per pass" in info
 
 
 def test_evaluate_split_from_plain_values(handmade_world, tmp_path):

@@ -229,7 +229,8 @@ class DHEInitialisation(Task):
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
         period = self.settings.save_period
-        if epoch % period == period - 1 or epoch == self.settings.num_epochs - 1:
+        last = epoch % period == period - 1 or epoch == self.settings.num_epochs - 1
+        if last and distributed.is_main_process():
             save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
         return {}
 

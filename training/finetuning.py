@@ -325,8 +325,9 @@ class Finetuning(Task):
         )
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
-        save_state_dict(self.features_extractor, output_folder / f"features_extractor_{epoch:03d}.torch")
-        save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
+        if distributed.is_main_process():
+            save_state_dict(self.features_extractor, output_folder / f"features_extractor_{epoch:03d}.torch")
+            save_state_dict(self.head, output_folder / f"homography_regression_{epoch:03d}.torch")
         rerank = epoch >= self.rerank_val_from_epoch
         result = self.validate(output_folder, rerank)
         self.validation_results = result

@@ -152,15 +152,17 @@ def _check_parameters_finite(task: Task, epoch: int) -> None:
 def record_epoch(
     task: Task, epoch: int, epoch_losses: dict, seconds_since: float, progress: Progress, output_folder: Path
 ) -> None:
-    """After an epoch's steps: the task's files and validation (rank 0), the best model, metrics.csv's row in
-    `progress.rows` and the epoch's log line. `seconds_since`: `time.perf_counter()` at the start of the epoch."""
+    """After an epoch's steps: the task's files (rank 0) and validation (every process shares it), the best model,
+    metrics.csv's row in `progress.rows` and the epoch's log line. `seconds_since`: `time.perf_counter()` at the
+    start of the epoch."""
     lr = task.optimizer.param_groups[0]["lr"]
-    metrics = task.end_epoch(epoch, output_folder) if distributed.is_main_process() else {}
+    metrics = task.end_epoch(epoch, output_folder)
     selection = metrics.get(task.selection_key) if task.selection_key else None
     if selection is not None:
         if progress.best is None or selection > progress.best:
             progress.best, progress.not_improved = selection, 0
-            task.save_best(output_folder)
+            if distributed.is_main_process():
+                task.save_best(output_folder)
             logging.info(f"New best {task.selection_key}: {selection:.2f} at epoch {epoch}")
         else:
             progress.not_improved += 1
@@ -217,8 +219,9 @@ def fit(
             break
 
     result: dict = {"output_folder": output_folder, "metrics": progress.rows}
+    final = task.finish(output_folder)  # every process: a final test shares its work
     if is_main:
-        result["results"] = save_training_results(output_folder, settings.recall_values, task.finish(output_folder))
+        result["results"] = save_training_results(output_folder, settings.recall_values, final)
         if progress.rows:
             plot_metrics(progress.rows, output_folder / PLOT_PNG, task.selection_key is not None)
     distributed.barrier()

@@ -104,6 +104,7 @@ RESUME_FREE = {  # where and how this process runs, not what it trains: this run
     "rerank_batch_size",
     "local_features_dir",
     "local_features_in_memory_mb",
+    "local_features",  # which images' local features are extracted when: the same scores either way
     "efficient_ram_testing",
     "compile_head",
     "save_predictions",

@@ -109,7 +109,9 @@ class Task:
         raise NotImplementedError
 
     def end_epoch(self, epoch: int, output_folder: Path) -> dict[str, float]:
-        """Rank 0 after each epoch: save the epoch's files, validate; returns metrics.csv columns (val_R@N ...)."""
+        """Every process after each epoch: save the epoch's files (rank 0), validate (every process shares the
+        evaluation, `evaluation.pipeline.evaluate_split`); returns metrics.csv columns (val_R@N ...), the same in
+        every process."""
         return {}
 
     def validation_picture(self) -> Image.Image | None:
@@ -121,7 +123,8 @@ class Task:
         """Rank 0, when `selection_key` improved: save the best model's files."""
 
     def finish(self, output_folder: Path) -> dict:
-        """Rank 0 after the last epoch: {"baseline": recalls, "reranked": recalls or None, **extra} for results.json."""
+        """Every process after the last epoch (a final test shares its work): {"baseline": recalls, "reranked":
+        recalls or None, **extra} for results.json, which rank 0 writes."""
         return {"baseline": None, "reranked": None}
 
     def state(self) -> dict:
