@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import cpu_name
 from tools.synthetic.world import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def main() -> None:
         ("candidates", ["--local_features", "candidates"], 1, threads),
         ("candidates_2proc", ["--local_features", "candidates"], 2, max(threads // 2, 1)),
     ]
-    print(f"{os.cpu_count()} cores, {threads} torch threads; {args.database} database images, {args.queries} "
+    print(f"CPU: {cpu_name()}, {threads} torch threads; {args.database} database images, {args.queries} "
           f"queries, --resize {height} {width}, top {args.num_reranked_preds} re-ranked", flush=True)  # fmt: skip
     header = (
         f"{'run':18s} {'procs':>5s} {'peak RSS':>9s} {'local feats':>11s} {'records':>8s} {'descr. s':>8s} "

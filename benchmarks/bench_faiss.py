@@ -25,28 +25,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import resource
 import time
 
 import faiss
 import numpy as np
 
+from benchmarks.machine import cpu_name
 from evaluation.index import IndexSettings, build_index, search_index
 
 K = 32
-
-
-def cpu_name() -> str:
-    """The CPU's model name and count, as /proc/cpuinfo gives it (platform.processor() elsewhere)."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as file:
-            name = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} CPUs)"
 
 
 def synthetic_descriptors(

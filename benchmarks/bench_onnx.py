@@ -15,8 +15,6 @@ the best round counts, the median is printed too. The outputs of each pair of ru
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,20 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.machine import cpu_name
 from deploy import onnx_export
 from model import FeaturesExtractor, HomographyRegression, compute_similarity
 from model.dhe import cpu_kernels
-
-
-def cpu_name() -> str:
-    """The CPU's model name and count, as /proc/cpuinfo gives it (platform.processor() elsewhere)."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as file:
-            name = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} CPUs)"
 
 
 def time_rounds(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

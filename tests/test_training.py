@@ -191,7 +191,10 @@ def test_two_processes_with_gloo(world, tmp_path, script, extra):
     completed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (folder,) = (tmp_path / "logs" / "ddp").iterdir()  # one run folder for both processes
-    assert "2 processes" in (folder / "info.log").read_text()
+    log = (folder / "info.log").read_text()
+    assert "2 processes" in log
+    # validation / the final test share the work too: each process extracts the local features of its own pairs
+    assert "local features candidates (2 processes each extract the local features of their own pairs)" in log
     assert json.loads((folder / "results.json").read_text())["baseline"]["R@1"] >= 0
     checkpoint = training.resume.load_training_checkpoint(folder / "last_checkpoint.pth", script.removesuffix(".py"))
     assert len(checkpoint["rng"]) == 2  # each process's random streams
