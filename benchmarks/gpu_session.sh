@@ -9,8 +9,8 @@
 # `prepare` downloads into .whl/ (git-ignored; carry it to the GPU machine) the wheels of the project's
 # dependencies that a PyTorch CUDA image usually lacks (faiss-cpu, kornia, kornia_rs), for Python 3.12 on x86-64;
 # `run` installs them into /tmp/site when .whl/ exists. STEPS below names the steps and their time limits (about
-# 12 minutes in all); `run pytest bench_rerank` then `run bench_rerank_compiled bench_amp_agreement bench_train`
-# keeps each call under 10 minutes.
+# 13 minutes in all); `run pytest bench_rerank` then `run bench_rerank_compiled bench_amp_agreement bench_train
+# bench_backbone` keeps each call under 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
@@ -51,6 +51,7 @@ STEPS=(
     "bench_rerank_compiled|150|$PYTHON -m benchmarks.bench_rerank --device cuda --skip_kernel --compile_head reduce-overhead"
     "bench_amp_agreement|120|$PYTHON -m benchmarks.bench_amp_agreement --device cuda"
     "bench_train|90|$PYTHON -m benchmarks.bench_train --device cuda"
+    "bench_backbone|60|$PYTHON -m benchmarks.bench_backbone --device cuda --batch_size 32 64 128"
 )
 status=0
 for step in "${STEPS[@]}"; do
