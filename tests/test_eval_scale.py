@@ -197,3 +197,20 @@ def test_mismatched_database_descriptors_are_refused(tiny_world, flat, tmp_path,
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):
         run(tiny_world, "--database_descriptors", str(flat["output_folder"]), *flags, "--exp_name", "mismatch")
+
+
+@pytest.mark.parametrize("test_method", ["nearest_crop", "single_query"])
+def test_torchrun_shards_the_queries_of_every_test_method(tiny_world, tmp_path, test_method):
+    """Five crops a query (gathered five rows an image) and one query a batch (single_query): two processes give one
+    process's predictions."""
+    argv = eval_argv(tiny_world, *FEW, "--test_method", test_method, "--local_features", "candidates")
+    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
+    folders = {}
+    for processes in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command += [str(ROOT / "eval.py"), *argv, "--exp_name", f"p{processes}"]
+        completed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        (folders[processes],) = (tmp_path / "logs" / f"p{processes}").iterdir()
+    assert rows(folders[2]) == rows(folders[1])
+    assert results_json(folders[2])["stats"]["processes"] == 2
