@@ -288,7 +288,9 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
     still find fewer than k' (faiss pads with -1, e.g. an IVF with a small nprobe): that raises ValueError.
     """
     if k > index.ntotal:
-        logging.warning(f"Asked for {k} predictions, but the database has only {index.ntotal} images: using those")
+        logging.warning(
+            f"Asked for {k} predictions, but the database has only {index.ntotal} images: using {index.ntotal}"
+        )
         k = index.ntotal
     start = time.perf_counter()
     distances, predictions = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

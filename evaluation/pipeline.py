@@ -152,6 +152,10 @@ class Stopwatch:
         finally:
             self.seconds[stage] += time.perf_counter() - start
 
+    def rounded(self) -> dict[str, float]:
+        """The seconds of each stage to the millisecond, as results.json's stats.seconds holds them."""
+        return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
+
 
 def choose_local_features(
     mode: str, database_num: int, queries_num: int, num_reranked: int, world_size: int = 1, reuse: bool = False
@@ -276,7 +280,7 @@ def evaluate_split(
         results.update(baseline_recalls=baseline, predictions=predictions, stats=stats)
         if not rerank:
             results.update(reranked_recalls=None, reranked_predictions=None, rerank_scores=None)
-            stats["seconds"] = {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()}
+            stats["seconds"] = clock.rounded()
             return results
         reranked, scores, homography_regression = rerank_split(
             settings, dataset, features_extractor, homography_regression, stores, predictions, rerank_batch_size,
@@ -307,7 +311,7 @@ def record_stats(stats: dict, stores: list[LocalFeatureStore], clock: Stopwatch,
     mine = [(store.num_records, store.memory_bytes + store.file_bytes, store.file_bytes) for store in stores[:1]]
     totals = np.sum(distributed.gather_objects(mine[0] if mine else (0, 0, 0)), axis=0)
     stats["local_feature_records"], stats["local_feature_bytes"], stats["local_feature_file_bytes"] = map(int, totals)
-    stats["seconds"] = {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()}
+    stats["seconds"] = clock.rounded()
     stats["reranking_pairs"] = num_pairs
     reranking = clock.seconds["reranking"]
     stats["reranking_pairs_per_second"] = round(num_pairs / reranking, 3) if reranking > 0 else None
@@ -515,13 +519,6 @@ def retrieve(
     `settings.index`, k enough for the recalls, the re-ranking and the pictures; the crops' rankings merged for
     nearest_crop and maj_voting (whose distances are then NaN)."""
     num_predictions = max(max(settings.recall_values), settings.num_reranked_preds, settings.num_preds_to_save)
-    database_num = len(database_descriptors)
-    if num_predictions > database_num:
-        logging.warning(
-            f"Asked for {num_predictions} predictions, but the database has only {database_num} images: using "
-            f"{database_num}"
-        )
-        num_predictions = database_num
     index, index_stats = build_index(settings.index, database_descriptors)
     distances, predictions, search_seconds = search_index(index, queries_descriptors, num_predictions)
     logging.info(index_log_line(index_stats, search_seconds))
